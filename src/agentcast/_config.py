@@ -1,0 +1,99 @@
+"""Every tunable default of agentcast, named and documented in one frozen value."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import attrs
+
+__all__ = ["Config"]
+
+#: Events queued per connection before it counts as a slow consumer.
+SEND_QUEUE_SIZE: Final = 1024
+#: Seconds one WebSocket write may take before the client counts as a slow consumer.
+WRITE_TIMEOUT: Final = 5.0
+#: Seconds a close handshake may take before the transport is abandoned.
+CLOSE_TIMEOUT: Final = 2.0
+#: Seconds an idle session (no connections, no runs) lives on so a page reload resumes.
+SESSION_LINGER: Final = 30.0
+#: Seconds ``get_websocket_manager_async`` waits for readiness.
+READY_TIMEOUT: Final = 10.0
+#: Events retained per (user, thread) for resume.
+HISTORY_SIZE: Final = 1000
+#: Seconds an event stays resumable.
+HISTORY_TTL: Final = 600.0
+#: Most events joined into one batched WebSocket message.
+BATCH_MAX_EVENTS: Final = 256
+#: Most bytes (approximately: characters) in one batched WebSocket message.
+BATCH_MAX_BYTES: Final = 64 * 1024
+#: Largest inbound client frame, in bytes of UTF-8.
+MAX_MESSAGE_BYTES: Final = 64 * 1024
+#: Sustained inbound client frames per second per connection.
+INBOUND_RATE: Final = 20.0
+#: Inbound frames a connection may send in a burst above the sustained rate.
+INBOUND_BURST: Final = 40
+#: Frames over the rate limit tolerated (each answered with an error frame) before closing.
+RATE_LIMIT_STRIKES: Final = 10
+#: Threads one connection may subscribe to at once.
+MAX_SUBSCRIPTIONS: Final = 64
+#: Seconds the terminal event of a cancelled run may take to publish (it is shielded).
+TERMINAL_EVENT_TIMEOUT: Final = 2.0
+#: Seconds a graceful manager shutdown may take before the rest is cancelled.
+SHUTDOWN_TIMEOUT: Final = 5.0
+#: Characters of an agent's exception message carried by ``agent_error``.
+ERROR_MESSAGE_LIMIT: Final = 500
+
+
+def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"Config.{attribute.name} must be > 0, got {value!r}")
+
+
+def _non_negative(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"Config.{attribute.name} must be >= 0, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """Settings of one :class:`ConnectionManager`; every field has a safe default.
+
+    Use ``attrs.evolve(Config(), write_timeout=1.0)`` to change a few.
+    """
+
+    #: Events (and control frames) queued per connection; a full queue closes it with 4008.
+    send_queue_size: int = attrs.field(default=SEND_QUEUE_SIZE, validator=_positive)
+    #: Seconds one socket write may block before the connection is aborted as a slow consumer.
+    write_timeout: float = attrs.field(default=WRITE_TIMEOUT, validator=_positive)
+    #: Seconds a close handshake may take; past it the transport is dropped.
+    close_timeout: float = attrs.field(default=CLOSE_TIMEOUT, validator=_positive)
+    #: Seconds an idle session lingers before its nursery closes.
+    session_linger: float = attrs.field(default=SESSION_LINGER, validator=_non_negative)
+    #: Seconds ``get_websocket_manager_async`` waits for manager and broker readiness.
+    ready_timeout: float = attrs.field(default=READY_TIMEOUT, validator=_positive)
+    #: Events retained per (user, thread) for resume.
+    history_size: int = attrs.field(default=HISTORY_SIZE, validator=_positive)
+    #: Seconds an event stays in history.
+    history_ttl: float = attrs.field(default=HISTORY_TTL, validator=_positive)
+    #: Most events joined into one batched message.
+    batch_max_events: int = attrs.field(default=BATCH_MAX_EVENTS, validator=_positive)
+    #: Most characters in one batched message (a single larger event is still sent alone).
+    batch_max_bytes: int = attrs.field(default=BATCH_MAX_BYTES, validator=_positive)
+    #: Largest inbound client frame; larger ones close the connection with 1009.
+    max_message_bytes: int = attrs.field(default=MAX_MESSAGE_BYTES, validator=_positive)
+    #: Sustained inbound frames per second per connection.
+    inbound_rate: float = attrs.field(default=INBOUND_RATE, validator=_positive)
+    #: Inbound burst allowance (token bucket capacity).
+    inbound_burst: int = attrs.field(default=INBOUND_BURST, validator=_positive)
+    #: Frames over the limit answered with an error frame before the connection is closed (4029).
+    rate_limit_strikes: int = attrs.field(default=RATE_LIMIT_STRIKES, validator=_positive)
+    #: Threads one connection may subscribe to at once.
+    max_subscriptions: int = attrs.field(default=MAX_SUBSCRIPTIONS, validator=_positive)
+    #: Seconds the shielded terminal event of a cancelled run may take.
+    terminal_event_timeout: float = attrs.field(
+        default=TERMINAL_EVENT_TIMEOUT, validator=_positive
+    )
+    #: Seconds a graceful manager shutdown may take.
+    shutdown_timeout: float = attrs.field(default=SHUTDOWN_TIMEOUT, validator=_positive)
+    #: Characters of an agent exception's message sent in ``agent_error``.
+    error_message_limit: int = attrs.field(default=ERROR_MESSAGE_LIMIT, validator=_non_negative)

@@ -1,0 +1,440 @@
+"""One client connection: a bounded send channel, a writer task and a reader task.
+
+Rules of this module: producers reach a connection only through :meth:`Connection.offer` and
+:meth:`Connection.enqueue`, which never block (a full channel closes the connection as a slow
+consumer). Every close goes through :meth:`Connection.close`, which records the first close code
+and cancels or drains; :meth:`Connection.serve` then finishes the close exactly once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Protocol, final
+
+import attrs
+import trio
+from trio_websocket import ConnectionClosed
+
+from ._config import Config
+from ._errors import ClientError
+from ._history import Recovery
+from ._protocol import (
+    CancelRun,
+    ClientFrame,
+    CloseCode,
+    CustomFrame,
+    Ping,
+    ProtocolError,
+    Subscribe,
+    Unsubscribe,
+    close_reason,
+    error_frame,
+    parse_client_frame,
+    pong_frame,
+    subscribed_frame,
+    unsubscribed_frame,
+)
+from ._stats import Counters
+from ._transport import Transport, abort_transport, close_transport
+
+__all__ = ["Connection", "ConnectionOwner"]
+
+log = logging.getLogger("agentcast")
+
+#: What travels through a connection's channel: one frame, or a group (ack + replay) that must
+#: stay together and counts as one slot.
+Outgoing = str | tuple[str, ...]
+
+_ids = itertools.count(1)
+
+
+class ConnectionOwner(Protocol):
+    """What a connection needs from its session."""
+
+    @property
+    def user_id(self) -> str: ...
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def counters(self) -> Counters: ...
+
+    async def recover(self, thread_id: str, since_seq: int | None, epoch: str | None) -> Recovery:
+        """Replay information for (this user, thread)."""
+
+    def index_subscribe(self, thread_id: str, connection: Connection) -> None:
+        """Route the thread's events to ``connection``."""
+
+    def index_unsubscribe(self, thread_id: str, connection: Connection) -> None:
+        """Stop routing the thread's events to ``connection``."""
+
+    def cancel_run(self, run_id: str, reason: str = ...) -> bool:
+        """Cancel one of this user's runs; False if there is no such active run."""
+
+    def detach(self, connection: Connection) -> None:
+        """Forget a connection that has finished closing."""
+
+    async def handle_custom(self, connection: Connection, frame: CustomFrame) -> None:
+        """Dispatch an application frame type; raises ClientError for an error frame."""
+
+
+@attrs.define
+class _RateLimiter:
+    """Token bucket over inbound frames; ``strikes`` counts consecutive refusals."""
+
+    rate: float
+    burst: int
+    tokens: float
+    updated: float
+    strikes: int = 0
+
+    def allow(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            self.strikes = 0
+            return True
+        self.strikes += 1
+        return False
+
+
+@final
+@attrs.define(eq=False, repr=False)
+class Connection:
+    """A live client connection of one user; created by ``UserSession.add_connection``."""
+
+    #: Unique within the process, e.g. ``"c-17"``.
+    connection_id: str
+    transport: Transport
+    #: Whether events are joined into newline-delimited batches.
+    batch: bool
+    _owner: ConnectionOwner
+    _send: trio.MemorySendChannel[Outgoing]
+    _receive: trio.MemoryReceiveChannel[Outgoing]
+    _limiter: _RateLimiter
+    #: thread id -> last seq queued for it, or None while its replay is being fetched.
+    _subs: dict[str, int | None] = attrs.Factory(dict)
+    #: Live events that arrived while a thread's replay was being fetched.
+    _held: dict[str, list[tuple[int, str]]] = attrs.Factory(dict)
+    #: Wraps both tasks: cancelling it stops them; its deadline bounds a draining close.
+    _scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    _close_code: int | None = None
+    _close_reason: str = ""
+    _peer_closed: bool = False
+    #: True while a write is in progress: cancelling it may leave half a frame on the wire.
+    _writing: bool = False
+    _finished: trio.Event = attrs.Factory(trio.Event)
+
+    @classmethod
+    def create(cls, owner: ConnectionOwner, transport: Transport, *, batch: bool) -> Connection:
+        """Build a connection with its bounded channel; the session then runs :meth:`serve`."""
+        config = owner.config
+        send, receive = trio.open_memory_channel[Outgoing](config.send_queue_size)
+        limiter = _RateLimiter(
+            config.inbound_rate, config.inbound_burst, float(config.inbound_burst),
+            trio.current_time(),
+        )
+        return cls(f"c-{next(_ids)}", transport, batch, owner, send, receive, limiter)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Connection {self.connection_id} user={self._owner.user_id!r} "
+            f"threads={sorted(self._subs)} closed={self.closed}>"
+        )
+
+    @property
+    def user_id(self) -> str:
+        """The user this connection belongs to."""
+        return self._owner.user_id
+
+    @property
+    def threads(self) -> frozenset[str]:
+        """The threads this connection is subscribed to."""
+        return frozenset(self._subs)
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection has finished closing."""
+        return self._finished.is_set()
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code sent (or received from the peer); None while open."""
+        return self._close_code
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection has finished closing."""
+        await self._finished.wait()
+
+    # ---- producer side: never blocks ------------------------------------------------------
+
+    def offer(self, thread_id: str, seq: int, frame: str) -> None:
+        """Queue a thread event unless it is a duplicate; hold it while a replay is fetched."""
+        last = self._subs.get(thread_id, -1)
+        if last is None:
+            held = self._held[thread_id]
+            held.append((seq, frame))
+            if len(held) > self._owner.config.send_queue_size:
+                self._slow_consumer("too many events held during replay")
+            return
+        if seq > last:
+            self._subs[thread_id] = seq
+            self.enqueue(frame)
+
+    def enqueue(self, item: Outgoing) -> None:
+        """Queue a frame (or an ack-and-replay group); a full channel closes with 4008."""
+        if self._close_code is not None:
+            self._owner.counters.events_dropped += 1
+            return
+        try:
+            self._send.send_nowait(item)
+        except trio.WouldBlock:
+            self._owner.counters.events_dropped += 1
+            self._slow_consumer("send queue full")
+
+    def _slow_consumer(self, why: str) -> None:
+        if self._close_code is None:
+            self._owner.counters.slow_consumer_disconnects += 1
+            log.info(
+                "closing slow consumer %s of user %r: %s",
+                self.connection_id, self._owner.user_id, why,
+            )
+            self.close(CloseCode.SLOW_CONSUMER, f"slow consumer: {why}")
+
+    # ---- closing ----------------------------------------------------------------------------
+
+    def close(self, code: int, reason: str = "", *, drain: bool = False) -> None:
+        """Start closing; the first call decides the code. Returns at once.
+
+        With ``drain`` the writer first sends what is queued, within ``Config.close_timeout``;
+        otherwise queued events are dropped (the client resumes from history).
+        """
+        if self._close_code is not None:
+            return
+        self._close_code = code
+        self._close_reason = close_reason(reason)
+        if drain:
+            self._send.close()
+            self._scope.deadline = min(
+                self._scope.deadline, trio.current_time() + self._owner.config.close_timeout
+            )
+        else:
+            self._scope.cancel()
+
+    def _peer_gone(self, exc: ConnectionClosed) -> None:
+        self._peer_closed = True
+        if self._close_code is None:
+            self._close_code = exc.reason.code if exc.reason is not None else 1006
+        self._scope.cancel()
+
+    async def finish(self, code: int, reason: str) -> None:
+        """Close the transport (politely, or by abort after a cut-off write) and detach.
+
+        Idempotent; the session calls it for connections whose tasks were cancelled with it.
+        """
+        if self._finished.is_set():
+            return
+        if self._close_code is None:
+            self._close_code = code
+            self._close_reason = close_reason(reason)
+        self._send.close()
+        try:
+            if self._peer_closed:
+                pass
+            elif self._writing:
+                await abort_transport(self.transport, self._close_code, self._close_reason)
+            else:
+                await close_transport(
+                    self.transport, self._close_code, self._close_reason,
+                    self._owner.config.close_timeout,
+                )
+        finally:
+            for thread_id in list(self._subs):
+                self._owner.index_unsubscribe(thread_id, self)
+            self._owner.detach(self)
+            self._finished.set()
+
+    def _is_pending(self, thread_id: str) -> bool:
+        return thread_id in self._held and self._subs.get(thread_id, -1) is None
+
+    def _hold(self, thread_id: str) -> None:
+        """Route the thread here now, holding its events until the ack is queued."""
+        self._subs[thread_id] = None
+        self._held[thread_id] = []
+        self._owner.index_subscribe(thread_id, self)
+
+    def prepare(self, threads: Sequence[str]) -> None:
+        """Subscribe to server-chosen threads at once, so no event sent after
+        ``add_connection`` returns is missed; the reader sends their acks."""
+        for thread_id in threads:
+            self._hold(thread_id)
+
+    # ---- the tasks --------------------------------------------------------------------------
+
+    async def serve(self, initial_threads: Sequence[str]) -> None:
+        """Run the writer and reader until the connection closes, then finish the close."""
+        with self._scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_loop, name=f"{self.connection_id}:writer")
+                nursery.start_soon(
+                    self._read_loop, initial_threads, name=f"{self.connection_id}:reader"
+                )
+        await self.finish(CloseCode.NORMAL, "")
+
+    async def _write_loop(self) -> None:
+        counters = self._owner.counters
+        limit = self._owner.config.batch_max_events
+        receive = self._receive
+        try:
+            while True:
+                try:
+                    item = await receive.receive()
+                except trio.EndOfChannel:
+                    return
+                frames = [item] if isinstance(item, str) else list(item)
+                while len(frames) < limit:
+                    try:
+                        item = receive.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    if isinstance(item, str):
+                        frames.append(item)
+                    else:
+                        frames.extend(item)
+                for message, count in self._messages(frames):
+                    if not await self._write(message):
+                        return
+                    counters.messages_sent += 1
+                    counters.events_sent += count
+        finally:
+            # However the writer ends (drained, slow, peer gone), the reader must stop too.
+            self._scope.cancel()
+
+    def _messages(self, frames: list[str]) -> Iterator[tuple[str, int]]:
+        """Group frames into WebSocket messages: one each, or newline-joined batches."""
+        if not self.batch:
+            for frame in frames:
+                yield frame, 1
+            return
+        config = self._owner.config
+        group: list[str] = []
+        size = 0
+        for frame in frames:
+            if group and (
+                size + len(frame) > config.batch_max_bytes
+                or len(group) >= config.batch_max_events
+            ):
+                yield "\n".join(group), len(group)
+                group, size = [], 0
+            group.append(frame)
+            size += len(frame) + 1
+        if group:
+            yield "\n".join(group), len(group)
+
+    async def _write(self, message: str) -> bool:
+        """Write one message within ``write_timeout``; False if the connection must stop."""
+        self._writing = True
+        try:
+            with trio.move_on_after(self._owner.config.write_timeout) as deadline:
+                await self.transport.send_message(message)
+        except ConnectionClosed as exc:
+            self._writing = False
+            self._peer_gone(exc)
+            return False
+        if deadline.cancelled_caught:
+            # _writing stays True: the frame may be half-sent, so finish() aborts.
+            self._slow_consumer("write timed out")
+            return False
+        self._writing = False
+        return True
+
+    async def _read_loop(self, initial_threads: Sequence[str]) -> None:
+        for thread_id in initial_threads:
+            await self._subscribe(Subscribe(thread_id))
+        config = self._owner.config
+        while True:
+            try:
+                message = await self.transport.get_message()
+            except ConnectionClosed as exc:
+                self._peer_gone(exc)
+                return
+            if not self._limiter.allow(trio.current_time()):
+                if self._limiter.strikes > config.rate_limit_strikes:
+                    self._owner.counters.rate_limit_disconnects += 1
+                    self.close(CloseCode.RATE_LIMITED, "rate limit exceeded")
+                    return
+                self._refuse(ProtocolError("rate_limited", "too many frames; slow down"))
+                continue
+            try:
+                frame = parse_client_frame(message, max_bytes=config.max_message_bytes)
+            except ProtocolError as exc:
+                self._refuse(exc)
+                if exc.close_code is not None:
+                    return
+                continue
+            await self._dispatch(frame)
+
+    def _refuse(self, exc: ProtocolError) -> None:
+        self._owner.counters.protocol_errors += 1
+        if exc.close_code is not None:
+            self.close(exc.close_code, exc.message)
+        else:
+            self.enqueue(error_frame(exc.code, exc.message))
+
+    async def _dispatch(self, frame: ClientFrame) -> None:
+        match frame:
+            case Subscribe():
+                await self._subscribe(frame)
+            case Unsubscribe(thread_id=thread_id):
+                if self._subs.pop(thread_id, -1) != -1:
+                    self._held.pop(thread_id, None)
+                    self._owner.index_unsubscribe(thread_id, self)
+                self.enqueue(unsubscribed_frame(thread_id))
+            case CancelRun(run_id=run_id):
+                if not self._owner.cancel_run(run_id, "cancelled by client"):
+                    self._refuse(
+                        ProtocolError("unknown_run", f"no active run {run_id!r} of yours")
+                    )
+            case Ping(id=ping_id):
+                self.enqueue(pong_frame(ping_id))
+            case CustomFrame():
+                try:
+                    await self._owner.handle_custom(self, frame)
+                except ClientError as exc:
+                    self._refuse(ProtocolError(exc.code, exc.message))
+
+    async def _subscribe(self, request: Subscribe) -> None:
+        """Ack, replay what was missed, then go live, with no gap and no duplicate.
+
+        Live events arriving while the replay is fetched are held and released after it,
+        skipping any the replay already covered.
+        """
+        thread_id = request.thread_id
+        if thread_id not in self._subs and len(self._subs) >= self._owner.config.max_subscriptions:
+            self._refuse(ProtocolError(
+                "too_many_subscriptions",
+                f"at most {self._owner.config.max_subscriptions} threads per connection",
+            ))
+            return
+        if not self._is_pending(thread_id):
+            self._hold(thread_id)
+        recovery = await self._owner.recover(thread_id, request.since_seq, request.epoch)
+        held = self._held.pop(thread_id, [])
+        if self._subs.get(thread_id, -1) is not None:
+            return  # unsubscribed (or re-subscribed) while the replay was fetched
+        ack = subscribed_frame(
+            thread_id, seq=recovery.latest_seq, epoch=recovery.epoch,
+            recovered=recovery.recovered,
+        )
+        last = recovery.latest_seq
+        live = []
+        for seq, frame in held:
+            if seq > last:
+                live.append(frame)
+                last = seq
+        self._subs[thread_id] = last
+        self.enqueue((ack, *recovery.frames, *live))

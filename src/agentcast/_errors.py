@@ -1,0 +1,63 @@
+"""The exception family: every error agentcast raises on purpose derives from AgentcastError."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentcastError",
+    "ClientError",
+    "InvalidEvent",
+    "InvalidIdentifier",
+    "InvalidUserContext",
+    "ManagerNotReady",
+    "ManagerNotRunning",
+    "RunEnded",
+    "SessionClosed",
+]
+
+
+class AgentcastError(Exception):
+    """Base class of every error agentcast raises on purpose, so callers can catch the family."""
+
+
+class InvalidIdentifier(AgentcastError, ValueError):
+    """An id (user, thread, run, request) broke a rule; the message names the field and the rule."""
+
+
+class InvalidUserContext(InvalidIdentifier):
+    """A :class:`UserContext` could not be built; the message names the field and the rule."""
+
+
+class InvalidEvent(AgentcastError, ValueError):
+    """An event's type or data does not satisfy the wire schema in ``docs/protocol.md``."""
+
+
+class ManagerNotRunning(AgentcastError, RuntimeError):
+    """No running :class:`ConnectionManager` could be found, or it is shutting down."""
+
+
+class ManagerNotReady(AgentcastError, TimeoutError):
+    """The manager (or its broker) did not become ready within ``Config.ready_timeout``."""
+
+
+class SessionClosed(AgentcastError, RuntimeError):
+    """The session was closed (linger expired, crash or shutdown); get a fresh one."""
+
+
+class RunEnded(AgentcastError, RuntimeError):
+    """An event was emitted through a run that has already sent its terminal event."""
+
+
+class ClientError(AgentcastError):
+    """Raise from a message handler to answer the client with an ``error`` frame.
+
+    The connection stays open; nothing else is affected.
+
+    Args:
+        code: a short machine-readable code, e.g. ``"unknown_thread"``.
+        message: what was wrong, for the client's developer.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message

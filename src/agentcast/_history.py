@@ -1,0 +1,91 @@
+"""Per-thread sequence numbers and bounded replay history.
+
+Rules of this module: pure, no trio; time is passed in (monotonic seconds) so tests need no
+clock. Invariants: seqs of one stream start at 1 and grow by exactly 1; the retained entries
+are a contiguous suffix of the stream; a replay is either complete or not attempted.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import deque
+from collections.abc import Sequence
+
+import attrs
+
+__all__ = ["Recovery", "ThreadHistory"]
+
+
+@attrs.frozen
+class Recovery:
+    """The answer to "what did I miss since seq N?" for one stream."""
+
+    #: True when every event after the asked-for seq is in ``frames`` (possibly none).
+    recovered: bool
+    #: The stream's epoch; it changes when the history is reset, e.g. after a restart.
+    epoch: str
+    #: The latest seq assigned in this stream (0 if none yet).
+    latest_seq: int
+    #: Encoded events after the asked-for seq, in order; empty unless ``recovered``.
+    frames: Sequence[str]
+
+
+def new_epoch() -> str:
+    """A fresh stream epoch."""
+    return uuid.uuid4().hex[:12]
+
+
+@attrs.define(eq=False)
+class ThreadHistory:
+    """The seq counter and retained events of one (user, thread) stream."""
+
+    max_size: int
+    ttl: float
+    epoch: str = attrs.field(factory=new_epoch)
+    latest_seq: int = 0
+    #: (seq, monotonic time appended, encoded frame), oldest first.
+    _entries: deque[tuple[int, float, str]] = attrs.field(factory=deque)
+
+    def next_seq(self) -> int:
+        """Reserve and return the next seq."""
+        self.latest_seq += 1
+        return self.latest_seq
+
+    def append(self, seq: int, frame: str, now: float) -> None:
+        """Retain ``frame`` (which must carry ``seq == latest_seq``) and prune old entries."""
+        self._entries.append((seq, now, frame))
+        if len(self._entries) > self.max_size:
+            self._entries.popleft()
+        self.prune(now)
+
+    def prune(self, now: float) -> None:
+        """Forget entries older than ``ttl``."""
+        horizon = now - self.ttl
+        entries = self._entries
+        while entries and entries[0][1] < horizon:
+            entries.popleft()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def oldest_seq(self) -> int:
+        """The oldest retained seq, or ``latest_seq + 1`` when nothing is retained."""
+        return self._entries[0][0] if self._entries else self.latest_seq + 1
+
+    def recover(self, since_seq: int | None, epoch: str | None, now: float) -> Recovery:
+        """Return the events after ``since_seq`` if all of them are still retained.
+
+        ``since_seq=None`` asks for live events only (nothing replayed, ``recovered`` False).
+        A different ``epoch`` or a seq outside the retained window gives ``recovered`` False and
+        no frames: a client must never mistake a partial replay for a complete one.
+        """
+        self.prune(now)
+        latest = self.latest_seq
+        if since_seq is None or (epoch is not None and epoch != self.epoch):
+            return Recovery(False, self.epoch, latest, ())
+        if since_seq > latest or since_seq < self.oldest_seq - 1:
+            return Recovery(False, self.epoch, latest, ())
+        skip = since_seq - self.oldest_seq + 1
+        frames = [frame for _, _, frame in list(self._entries)[skip:]]
+        return Recovery(True, self.epoch, latest, frames)

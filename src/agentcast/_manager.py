@@ -1,0 +1,262 @@
+"""ConnectionManager and the synchronous factory: the root of the task tree.
+
+``open_manager`` owns the root nursery: the broker's task and one supervisor task per user
+session live in it, and nothing else. ``get_websocket_manager`` is a plain function: it finds
+the manager (explicitly or through a context variable set by ``open_manager``) and returns the
+user's session, scheduling its supervisor with ``nursery.start_soon``, which is synchronous.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import final
+
+import attrs
+import trio
+
+from ._broker import Broker, InMemoryBroker
+from ._config import Config
+from ._context import UserContext
+from ._errors import ManagerNotReady, ManagerNotRunning
+from ._events import AgentEvent
+from ._protocol import CloseCode
+from ._session import MessageHandler, UserSession
+from ._stats import Counters, ManagerStats, count_tasks
+
+__all__ = [
+    "ConnectionManager",
+    "get_websocket_manager",
+    "get_websocket_manager_async",
+    "open_manager",
+]
+
+log = logging.getLogger("agentcast")
+
+_current_manager: contextvars.ContextVar[ConnectionManager] = contextvars.ContextVar(
+    "agentcast_current_manager"
+)
+
+_HOW_TO_OPEN = (
+    "open one with `async with agentcast.open_manager() as manager:` and call this inside "
+    "the block (or pass manager=...)"
+)
+
+
+@final
+@attrs.define(eq=False, repr=False)
+class ConnectionManager:
+    """Routes events to user sessions and owns their supervisors; made by ``open_manager``."""
+
+    config: Config
+    broker: Broker
+    _root: trio.Nursery
+    _message_handler: MessageHandler | None
+    _sessions: dict[str, UserSession] = attrs.Factory(dict)
+    _ready: trio.Event = attrs.Factory(trio.Event)
+    _closing: bool = False
+    _retired: Counters = attrs.Factory(Counters)
+    _sessions_closed: int = 0
+    _session_crashes: int = 0
+
+    def __repr__(self) -> str:
+        state = "closing" if self._closing else "running"
+        return f"<ConnectionManager {state} users={len(self._sessions)}>"
+
+    @property
+    def closing(self) -> bool:
+        """True once shutdown has begun; no new sessions are created."""
+        return self._closing
+
+    def get_websocket_manager(self, user_context: UserContext) -> UserSession:
+        """Return the user's session, creating it (and scheduling its nursery) on first use.
+
+        Synchronous by construction: there is nothing to await, so nothing to mis-await.
+
+        Raises:
+            TypeError: ``user_context`` is not a :class:`UserContext`.
+            ManagerNotRunning: the manager is shutting down.
+        """
+        if not isinstance(user_context, UserContext):
+            raise TypeError(
+                f"expected a UserContext, got {type(user_context).__name__}; build one with "
+                "UserContext.from_request(user_id=...)"
+            )
+        if self._closing:
+            raise ManagerNotRunning("the manager is shutting down; it accepts no new sessions")
+        user_id = user_context.user_id
+        session = self._sessions.get(user_id)
+        if session is None or session.closed:
+            session = UserSession(user_id, self, self.broker, self.config, self._message_handler)
+            self._sessions[user_id] = session
+            self._root.start_soon(session.supervise, name=f"agentcast.session.{user_id}")
+        else:
+            session.touch()
+        return session
+
+    def session(self, user_id: str) -> UserSession | None:
+        """The live session of ``user_id``, if any (does not create one)."""
+        return self._sessions.get(user_id)
+
+    async def broadcast(self, event: AgentEvent) -> None:
+        """Send a live-only notice to every connection of every user (same channels, limits)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        await self.broker.publish_all(event)
+
+    async def wait_ready(self) -> None:
+        """Wait until the broker accepts publishes."""
+        await self._ready.wait()
+
+    # ---- EventSink --------------------------------------------------------------------------
+
+    def deliver_thread(self, user_id: str, thread_id: str, seq: int, frame: str) -> None:
+        """Broker callback: an event for (user, thread)."""
+        session = self._sessions.get(user_id)
+        if session is not None:
+            session.deliver_thread(thread_id, seq, frame)
+
+    def deliver_user(self, user_id: str, frame: str) -> None:
+        """Broker callback: a live-only event for one user."""
+        session = self._sessions.get(user_id)
+        if session is not None:
+            session.deliver_all(frame)
+
+    def deliver_all(self, frame: str) -> None:
+        """Broker callback: a live-only event for everyone."""
+        for session in tuple(self._sessions.values()):
+            session.deliver_all(frame)
+
+    # ---- lifetime ---------------------------------------------------------------------------
+
+    def _forget(self, session: UserSession) -> None:
+        """Called by a session's supervisor when it has finished."""
+        if self._sessions.get(session.user_id) is session:
+            del self._sessions[session.user_id]
+        self._retired.add(session.counters)
+        self._sessions_closed += 1
+        if session._crashed:
+            self._session_crashes += 1
+
+    async def _shutdown(self) -> None:
+        """Cancel every run, close every connection with 1001 after draining, within
+        ``Config.shutdown_timeout``; then cancel whatever is left."""
+        self._closing = True
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + self.config.shutdown_timeout
+            async with trio.open_nursery() as stoppers:
+                for session in list(self._sessions.values()):
+                    stoppers.start_soon(
+                        session.shutdown, CloseCode.GOING_AWAY, "server shutting down"
+                    )
+        self._root.cancel_scope.cancel()
+
+    def get_stats(self) -> ManagerStats:
+        """A snapshot of every session, with totals that include closed sessions."""
+        per_user = {user_id: s.get_stats() for user_id, s in self._sessions.items()}
+        totals = Counters()
+        totals.add(self._retired)
+        for session in self._sessions.values():
+            totals.add(session.counters)
+        broker = self.broker.statistics()
+        return ManagerStats(
+            users=len(per_user),
+            connections=sum(s.connections for s in per_user.values()),
+            active_runs=sum(s.active_runs for s in per_user.values()),
+            live_tasks=count_tasks(self._root),
+            sessions_closed=self._sessions_closed,
+            session_crashes=self._session_crashes,
+            broker_streams=broker.streams,
+            broker_retained_events=broker.retained_events,
+            per_user=per_user,
+            **attrs.asdict(totals),
+        )
+
+
+@asynccontextmanager
+async def open_manager(
+    config: Config | None = None,
+    *,
+    broker: Broker | None = None,
+    message_handler: MessageHandler | None = None,
+) -> AsyncIterator[ConnectionManager]:
+    """Run a connection manager for the duration of the block.
+
+    On exit (normal, exception or cancellation) every run is cancelled (each sends
+    ``agent_cancelled``), every connection is drained and closed with 1001, all within
+    ``Config.shutdown_timeout``; then the root nursery is cancelled.
+
+    Args:
+        config: settings; defaults to ``Config()``.
+        broker: where seqs and history live; defaults to an :class:`InMemoryBroker`.
+        message_handler: called for client frame types agentcast does not handle itself.
+    """
+    config = Config() if config is None else config
+    broker = InMemoryBroker(config) if broker is None else broker
+    body_error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as root:
+            manager = ConnectionManager(config, broker, root, message_handler)
+            await root.start(broker.serve, manager, name="agentcast.broker")
+            manager._ready.set()
+            token = _current_manager.set(manager)
+            try:
+                yield manager
+            except BaseException as exc:
+                body_error = exc
+                raise
+            finally:
+                _current_manager.reset(token)
+                await manager._shutdown()
+    except BaseExceptionGroup as group:
+        # Give the caller back its own exception rather than a group of one.
+        if body_error is not None and list(group.exceptions) == [body_error]:
+            raise body_error from None
+        raise
+
+
+def _resolve(manager: ConnectionManager | None) -> ConnectionManager:
+    if manager is not None:
+        return manager
+    try:
+        return _current_manager.get()
+    except LookupError:
+        raise ManagerNotRunning(f"no agentcast manager is running here; {_HOW_TO_OPEN}") from None
+
+
+def get_websocket_manager(
+    user_context: UserContext, *, manager: ConnectionManager | None = None
+) -> UserSession:
+    """Return the user's session at once (synchronous: do not ``await`` it).
+
+    Args:
+        user_context: who; the session is keyed by ``user_context.user_id``.
+        manager: the manager to use; defaults to the one whose ``open_manager`` block the
+            caller runs inside.
+
+    Raises:
+        ManagerNotRunning: no manager is running here, or it is shutting down.
+        TypeError: ``user_context`` is not a :class:`UserContext`.
+    """
+    return _resolve(manager).get_websocket_manager(user_context)
+
+
+async def get_websocket_manager_async(
+    user_context: UserContext, *, manager: ConnectionManager | None = None
+) -> UserSession:
+    """Like :func:`get_websocket_manager`, but wait (up to ``Config.ready_timeout``) until the
+    manager's broker and the session's nursery are ready.
+
+    Raises:
+        ManagerNotRunning: no manager is running here, or it is shutting down.
+        ManagerNotReady: readiness took longer than ``Config.ready_timeout``.
+    """
+    resolved = _resolve(manager)
+    timeout = resolved.config.ready_timeout
+    with trio.move_on_after(timeout):
+        await resolved.wait_ready()
+        session = resolved.get_websocket_manager(user_context)
+        await session._opened.wait()
+        return session
+    raise ManagerNotReady(f"the agentcast manager was not ready within {timeout} s")

@@ -1,0 +1,211 @@
+"""The client protocol: close codes, inbound frame parsing and outbound control frames.
+
+Rules of this module: pure functions, no I/O, no trio. Parsing turns text into one of the frame
+values below or raises :class:`ProtocolError`, which carries the error code the client sees and,
+when the fault ends the connection, the close code.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Final
+
+import attrs
+import orjson
+
+from ._errors import InvalidIdentifier
+from ._ids import check_id
+
+__all__ = [
+    "BATCH_SUBPROTOCOL",
+    "CancelRun",
+    "ClientFrame",
+    "CloseCode",
+    "CustomFrame",
+    "Ping",
+    "ProtocolError",
+    "Subscribe",
+    "Unsubscribe",
+    "error_frame",
+    "parse_client_frame",
+    "pong_frame",
+    "subscribed_frame",
+    "unsubscribed_frame",
+]
+
+#: The WebSocket subprotocol a client offers to receive newline-delimited batches.
+BATCH_SUBPROTOCOL: Final = "agentcast.ndjson"
+#: Longest close reason allowed by RFC 6455 (the close frame payload is at most 125 bytes).
+MAX_CLOSE_REASON_BYTES: Final = 123
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes agentcast sends, documented in ``docs/protocol.md``."""
+
+    NORMAL = 1000
+    #: Server shutting down or session closed; reconnect and resume.
+    GOING_AWAY = 1001
+    #: Binary frame where text JSON is expected.
+    UNSUPPORTED_DATA = 1003
+    #: Invalid UTF-8 in a text frame.
+    INVALID_PAYLOAD = 1007
+    POLICY_VIOLATION = 1008
+    #: Inbound frame larger than ``Config.max_message_bytes``.
+    MESSAGE_TOO_BIG = 1009
+    #: A fault inside this user's session; the user's other sessions are unaffected.
+    INTERNAL_ERROR = 1011
+    #: The client did not keep up (queue full or a write past ``Config.write_timeout``);
+    #: reconnect and resume with ``since_seq``.
+    SLOW_CONSUMER = 4008
+    #: Too many connections for this user; the oldest was closed to admit a new one.
+    CONNECTION_LIMIT = 4009
+    #: The client kept sending past the inbound rate limit.
+    RATE_LIMITED = 4029
+
+
+def close_reason(text: str) -> str:
+    """Trim ``text`` so its UTF-8 form fits a close frame."""
+    raw = text.encode()[:MAX_CLOSE_REASON_BYTES]
+    return raw.decode(errors="ignore")
+
+
+@attrs.frozen
+class ProtocolError(Exception):
+    """A client frame was refused. ``close_code`` is set when the connection must close."""
+
+    code: str
+    message: str
+    close_code: CloseCode | None = None
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+@attrs.frozen
+class Subscribe:
+    """``{"type": "subscribe", "thread_id": T, "since_seq"?: N, "epoch"?: E}``."""
+
+    thread_id: str
+    since_seq: int | None = None
+    epoch: str | None = None
+
+
+@attrs.frozen
+class Unsubscribe:
+    """``{"type": "unsubscribe", "thread_id": T}``."""
+
+    thread_id: str
+
+
+@attrs.frozen
+class CancelRun:
+    """``{"type": "cancel_run", "run_id": R}``."""
+
+    run_id: str
+
+
+@attrs.frozen
+class Ping:
+    """``{"type": "ping", "id"?: any}``; answered with ``pong`` echoing ``id``."""
+
+    id: Any = None
+
+
+@attrs.frozen
+class CustomFrame:
+    """Any other type; handed to the application's message handler (e.g. ``user_message``)."""
+
+    type: str
+    payload: dict[str, Any]
+
+
+ClientFrame = Subscribe | Unsubscribe | CancelRun | Ping | CustomFrame
+
+
+def _string_field(frame: dict[str, Any], name: str) -> str:
+    value = frame.get(name)
+    try:
+        return check_id(name, value)
+    except InvalidIdentifier as exc:
+        raise ProtocolError("invalid_field", str(exc)) from None
+
+
+def _optional_int(frame: dict[str, Any], name: str) -> int | None:
+    value = frame.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ProtocolError("invalid_field", f"{name} must be a non-negative integer")
+    return value
+
+
+def parse_client_frame(text: str | bytes, *, max_bytes: int) -> ClientFrame:
+    """Parse one inbound WebSocket message.
+
+    Raises:
+        ProtocolError: binary data (closes with 1003), too large (1009), not a JSON object,
+            missing or malformed fields (error frame only).
+    """
+    if isinstance(text, bytes | bytearray):
+        raise ProtocolError(
+            "binary_frame", "binary frames are not supported; send JSON text",
+            CloseCode.UNSUPPORTED_DATA,
+        )
+    if len(text) > max_bytes or len(text.encode("utf-8", "surrogatepass")) > max_bytes:
+        raise ProtocolError(
+            "message_too_big", f"frames are limited to {max_bytes} bytes",
+            CloseCode.MESSAGE_TOO_BIG,
+        )
+    try:
+        frame = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError("bad_json", f"frame is not valid JSON: {exc}") from None
+    if not isinstance(frame, dict):
+        raise ProtocolError("bad_frame", "frame must be a JSON object")
+    kind = frame.get("type")
+    if not isinstance(kind, str) or not kind:
+        raise ProtocolError("bad_frame", "frame needs a string field 'type'")
+    if kind == "subscribe":
+        epoch = frame.get("epoch")
+        if epoch is not None and not isinstance(epoch, str):
+            raise ProtocolError("invalid_field", "epoch must be a string")
+        return Subscribe(
+            _string_field(frame, "thread_id"), _optional_int(frame, "since_seq"), epoch
+        )
+    if kind == "unsubscribe":
+        return Unsubscribe(_string_field(frame, "thread_id"))
+    if kind == "cancel_run":
+        return CancelRun(_string_field(frame, "run_id"))
+    if kind == "ping":
+        return Ping(frame.get("id"))
+    return CustomFrame(kind, frame)
+
+
+def _dump(frame: dict[str, Any]) -> str:
+    return orjson.dumps(frame).decode()
+
+
+def subscribed_frame(thread_id: str, *, seq: int, epoch: str, recovered: bool) -> str:
+    """The ack of a subscribe: latest seq, stream epoch, and whether the replay was complete."""
+    return _dump(
+        {"type": "subscribed", "thread_id": thread_id, "seq": seq, "epoch": epoch,
+         "recovered": recovered}
+    )
+
+
+def unsubscribed_frame(thread_id: str) -> str:
+    """The ack of an unsubscribe."""
+    return _dump({"type": "unsubscribed", "thread_id": thread_id})
+
+
+def pong_frame(ping_id: Any = None) -> str:
+    """The answer to a client ``ping``."""
+    frame: dict[str, Any] = {"type": "pong"}
+    if ping_id is not None:
+        frame["id"] = ping_id
+    return _dump(frame)
+
+
+def error_frame(code: str, message: str, **extra: Any) -> str:
+    """An ``{"type": "error", "code", "message"}`` frame; the connection stays usable."""
+    return _dump({"type": "error", "code": code, "message": message, **extra})
