@@ -18,7 +18,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from ._config import Config
-from ._errors import ClientError
+from ._errors import ClientError, InvalidEvent, InvalidIdentifier
 from ._history import Recovery
 from ._protocol import (
     CancelRun,
@@ -406,6 +406,9 @@ class Connection:
                     await self._owner.handle_custom(self, frame)
                 except ClientError as exc:
                     self._refuse(ProtocolError(exc.code, exc.message))
+                except (InvalidIdentifier, InvalidEvent) as exc:
+                    # The handler passed the client's bad id or data on: bad input, not a bug.
+                    self._refuse(ProtocolError("invalid_field", str(exc)))
 
     async def _subscribe(self, request: Subscribe) -> None:
         """Ack, replay what was missed, then go live, with no gap and no duplicate.
@@ -426,11 +429,17 @@ class Connection:
         held = self._held.pop(thread_id, [])
         if self._subs.get(thread_id, -1) is not None:
             return  # unsubscribed (or re-subscribed) while the replay was fetched
+        if recovery.recovered:
+            # Replay covers everything up to latest_seq; held events past it follow.
+            position = recovery.latest_seq
+        else:
+            # Nothing replayed: the stream starts at the moment the route was registered, so
+            # every held event is live, and the ack names the seq just before the first one.
+            position = held[0][0] - 1 if held else recovery.latest_seq
         ack = subscribed_frame(
-            thread_id, seq=recovery.latest_seq, epoch=recovery.epoch,
-            recovered=recovery.recovered,
+            thread_id, seq=position, epoch=recovery.epoch, recovered=recovery.recovered
         )
-        last = recovery.latest_seq
+        last = position
         live = []
         for seq, frame in held:
             if seq > last:

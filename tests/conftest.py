@@ -1,0 +1,27 @@
+"""Shared fixtures. Rules for every test here: no sockets (see tests of the server for those),
+no sleeps used as synchronisation, ``autojump_clock`` for anything timed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+import agentcast
+from agentcast import Config, ConnectionManager
+
+from .helpers import SCHEMA_VALIDATOR
+
+__all__ = ["SCHEMA_VALIDATOR"]
+
+
+@pytest.fixture
+def config() -> Config:
+    """Defaults, with a short linger so teardown tests stay readable."""
+    return Config(session_linger=5.0)
+
+
+@pytest.fixture
+async def manager(config: Config) -> AsyncIterator[ConnectionManager]:
+    async with agentcast.open_manager(config) as running:
+        yield running
