@@ -31,6 +31,9 @@ class EventSink(Protocol):
     def deliver_all(self, frame: str) -> None:
         """A live-only event for every connection on this node."""
 
+    def holds_user(self, user_id: str) -> bool:
+        """True while this node has a live session for ``user_id`` (its streams stay put)."""
+
 
 @attrs.frozen
 class BrokerStats:
@@ -92,9 +95,14 @@ class InMemoryBroker:
             self.sweep(trio.current_time())
 
     def sweep(self, now: float) -> None:
-        """Forget streams with nothing retained and no event for ``history_ttl`` seconds."""
+        """Forget streams with nothing retained, no event for ``history_ttl`` seconds, and no
+        live session: forgetting restarts the seq under a new epoch, which must never happen
+        to a stream someone is subscribed to or a run is still writing to."""
         horizon = now - self.config.history_ttl
+        sink = self._sink
         for key in [key for key, used in self._last_used.items() if used < horizon]:
+            if sink is not None and sink.holds_user(key[0]):
+                continue
             stream = self._streams[key]
             stream.prune(now)
             if not len(stream):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Protocol, final
 
 import attrs
@@ -43,8 +43,9 @@ __all__ = ["Connection", "ConnectionOwner"]
 
 log = logging.getLogger("agentcast")
 
-#: What travels through a connection's channel: one frame, or a group (ack + replay) that must
-#: stay together and counts as one slot.
+#: What travels through a connection's channel: an event frame (str), or a tuple whose first
+#: element is a control frame, followed by events that must stay with it (an ack and its
+#: replay). A tuple counts as one slot; its events are ``len(item) - 1``.
 Outgoing = str | tuple[str, ...]
 
 _ids = itertools.count(1)
@@ -267,22 +268,18 @@ class Connection:
         self._held[thread_id] = []
         self._owner.index_subscribe(thread_id, self)
 
-    def prepare(self, threads: Sequence[str]) -> None:
-        """Subscribe to server-chosen threads at once, so no event sent after
-        ``add_connection`` returns is missed; the reader sends their acks."""
-        for thread_id in threads:
-            self._hold(thread_id)
-
     # ---- the tasks --------------------------------------------------------------------------
 
-    async def serve(self, initial_threads: Sequence[str]) -> None:
+    async def subscribe(self, thread_id: str) -> None:
+        """Subscribe to a server-chosen thread (live events only), queueing its ack."""
+        await self._subscribe(Subscribe(thread_id))
+
+    async def serve(self) -> None:
         """Run the writer and reader until the connection closes, then finish the close."""
         with self._scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write_loop, name=f"{self.connection_id}:writer")
-                nursery.start_soon(
-                    self._read_loop, initial_threads, name=f"{self.connection_id}:reader"
-                )
+                nursery.start_soon(self._read_loop, name=f"{self.connection_id}:reader")
         await self.finish(CloseCode.NORMAL, "")
 
     async def _write_loop(self) -> None:
@@ -295,7 +292,10 @@ class Connection:
                     item = await receive.receive()
                 except trio.EndOfChannel:
                     return
-                frames = [item] if isinstance(item, str) else list(item)
+                if isinstance(item, str):
+                    frames, events = [item], 1
+                else:
+                    frames, events = list(item), len(item) - 1
                 while len(frames) < limit:
                     try:
                         item = receive.receive_nowait()
@@ -303,22 +303,23 @@ class Connection:
                         break
                     if isinstance(item, str):
                         frames.append(item)
+                        events += 1
                     else:
                         frames.extend(item)
-                for message, count in self._messages(frames):
+                        events += len(item) - 1
+                for message in self._messages(frames):
                     if not await self._write(message):
                         return
                     counters.messages_sent += 1
-                    counters.events_sent += count
+                counters.events_sent += events
         finally:
             # However the writer ends (drained, slow, peer gone), the reader must stop too.
             self._scope.cancel()
 
-    def _messages(self, frames: list[str]) -> Iterator[tuple[str, int]]:
+    def _messages(self, frames: list[str]) -> Iterator[str]:
         """Group frames into WebSocket messages: one each, or newline-joined batches."""
         if not self.batch:
-            for frame in frames:
-                yield frame, 1
+            yield from frames
             return
         config = self._owner.config
         group: list[str] = []
@@ -328,12 +329,12 @@ class Connection:
                 size + len(frame) > config.batch_max_bytes
                 or len(group) >= config.batch_max_events
             ):
-                yield "\n".join(group), len(group)
+                yield "\n".join(group)
                 group, size = [], 0
             group.append(frame)
             size += len(frame) + 1
         if group:
-            yield "\n".join(group), len(group)
+            yield "\n".join(group)
 
     async def _write(self, message: str) -> bool:
         """Write one message within ``write_timeout``; False if the connection must stop."""
@@ -352,9 +353,7 @@ class Connection:
         self._writing = False
         return True
 
-    async def _read_loop(self, initial_threads: Sequence[str]) -> None:
-        for thread_id in initial_threads:
-            await self._subscribe(Subscribe(thread_id))
+    async def _read_loop(self) -> None:
         config = self._owner.config
         while True:
             try:
@@ -383,7 +382,7 @@ class Connection:
         if exc.close_code is not None:
             self.close(exc.close_code, exc.message)
         else:
-            self.enqueue(error_frame(exc.code, exc.message))
+            self.enqueue((error_frame(exc.code, exc.message),))
 
     async def _dispatch(self, frame: ClientFrame) -> None:
         match frame:
@@ -393,14 +392,14 @@ class Connection:
                 if self._subs.pop(thread_id, -1) != -1:
                     self._held.pop(thread_id, None)
                     self._owner.index_unsubscribe(thread_id, self)
-                self.enqueue(unsubscribed_frame(thread_id))
+                self.enqueue((unsubscribed_frame(thread_id),))
             case CancelRun(run_id=run_id):
                 if not self._owner.cancel_run(run_id, "cancelled by client"):
                     self._refuse(
                         ProtocolError("unknown_run", f"no active run {run_id!r} of yours")
                     )
             case Ping(id=ping_id):
-                self.enqueue(pong_frame(ping_id))
+                self.enqueue((pong_frame(ping_id),))
             case CustomFrame():
                 try:
                     await self._owner.handle_custom(self, frame)

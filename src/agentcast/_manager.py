@@ -128,6 +128,10 @@ class ConnectionManager:
         for session in tuple(self._sessions.values()):
             session.deliver_all(frame)
 
+    def holds_user(self, user_id: str) -> bool:
+        """Broker callback: whether ``user_id`` has a live session here."""
+        return user_id in self._sessions
+
     # ---- lifetime ---------------------------------------------------------------------------
 
     def _forget(self, session: UserSession) -> None:
@@ -143,14 +147,16 @@ class ConnectionManager:
         """Cancel every run, close every connection with 1001 after draining, within
         ``Config.shutdown_timeout``; then cancel whatever is left."""
         self._closing = True
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + self.config.shutdown_timeout
-            async with trio.open_nursery() as stoppers:
-                for session in list(self._sessions.values()):
-                    stoppers.start_soon(
-                        session.shutdown, CloseCode.GOING_AWAY, "server shutting down"
-                    )
-        self._root.cancel_scope.cancel()
+        try:
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + self.config.shutdown_timeout
+                async with trio.open_nursery() as stoppers:
+                    for session in list(self._sessions.values()):
+                        stoppers.start_soon(
+                            session.shutdown, CloseCode.GOING_AWAY, "server shutting down"
+                        )
+        finally:
+            self._root.cancel_scope.cancel()
 
     def get_stats(self) -> ManagerStats:
         """A snapshot of every session, with totals that include closed sessions."""
@@ -196,9 +202,17 @@ async def open_manager(
     broker = InMemoryBroker(config) if broker is None else broker
     body_error: BaseException | None = None
     try:
-        async with trio.open_nursery() as root:
+        async with trio.open_nursery() as outer:
+            # The broker and the sessions live in a nursery shielded from the caller's
+            # cancellation, so a block left by cancellation still delivers agent_cancelled and
+            # drains connections; _shutdown bounds that by shutdown_timeout, then cancels it.
+            root: trio.Nursery = await outer.start(_shielded_nursery, name="agentcast.root")
             manager = ConnectionManager(config, broker, root, message_handler)
-            await root.start(broker.serve, manager, name="agentcast.broker")
+            try:
+                await root.start(broker.serve, manager, name="agentcast.broker")
+            except BaseException:
+                root.cancel_scope.cancel()
+                raise
             manager._ready.set()
             token = _current_manager.set(manager)
             try:
@@ -214,6 +228,13 @@ async def open_manager(
         if body_error is not None and list(group.exceptions) == [body_error]:
             raise body_error from None
         raise
+
+
+async def _shielded_nursery(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:
+    with trio.CancelScope(shield=True):
+        async with trio.open_nursery() as nursery:
+            task_status.started(nursery)
+            await trio.sleep_forever()
 
 
 def _resolve(manager: ConnectionManager | None) -> ConnectionManager:

@@ -110,13 +110,16 @@ class UserSession:
         if batch is None:
             batch = getattr(transport, "subprotocol", None) == BATCH_SUBPROTOCOL
         connection = Connection.create(self, transport, batch=batch)
-        connection.prepare(threads)
         self._connections[connection.connection_id] = connection
         self.counters.connections_opened += 1
-        self._nursery.start_soon(
-            connection.serve, tuple(threads), name=f"agentcast.{self.user_id}.{connection}"
-        )
         self._notify()
+        self._nursery.start_soon(
+            connection.serve, name=f"agentcast.{self.user_id}.{connection.connection_id}"
+        )
+        # Subscribed before this returns (and, with the in-memory broker, before the new tasks
+        # run), so no event published from here on is missed and the acks come first.
+        for thread_id in threads:
+            await connection.subscribe(thread_id)
         return connection
 
     async def serve_connection(
@@ -404,13 +407,17 @@ class UserSession:
 
     async def shutdown(self, code: int, reason: str) -> None:
         """Cancel runs, close connections after draining them, and wait for the session's end."""
-        self._stopping = True
+        # _stopping is set only once runs have ended and connections have drained: any
+        # notification after it makes the supervisor cancel the nursery, writers included.
         for run in list(self._runs.values()):
             run.cancel(reason)
         for run in list(self._runs.values()):
             await run.wait_done()
         for connection in list(self._connections.values()):
             connection.close(code, reason, drain=True)
+        for connection in list(self._connections.values()):
+            await connection.wait_closed()
+        self._stopping = True
         self._notify()
         await self._finished.wait()
 
