@@ -9,6 +9,7 @@ from typing import Any
 import attrs
 import jsonschema
 import trio
+import trio.testing
 from trio_websocket import ConnectionClosed
 
 from agentcast import UserSession

@@ -1,0 +1,1 @@
+"""Benchmarks for agentcast. ``python -m benchmarks.inprocess`` measures the core hot path."""
