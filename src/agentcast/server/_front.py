@@ -86,6 +86,9 @@ async def read_request_head(stream: trio.abc.Stream, *, max_bytes: int) -> Reque
             status = 431 if len(raw) >= max_bytes else 400
             raise HeadError(status, f"bad request: {exc}") from None
         if isinstance(event, h11.Request):
+            # h11 bounds an incomplete head only; one that arrived whole is checked here.
+            if raw.find(b"\r\n\r\n") + 4 > max_bytes:
+                raise HeadError(431, f"request head larger than {max_bytes} bytes")
             headers = tuple(
                 (name.decode("latin-1").lower(), value.decode("latin-1"))
                 for name, value in event.headers

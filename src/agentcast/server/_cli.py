@@ -1,0 +1,115 @@
+"""The ``agentcast`` command: ``serve`` and ``token``. Every option also reads AGENTCAST_*."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+import attrs
+import trio
+
+from .._config import Config
+from ._auth import DEFAULT_TTL, check_secret, issue_token
+from ._serve import DEMO_USER, RunningServer, serve
+from ._settings import DEFAULT_HOST, DEFAULT_PORT, MAX_CONNECTIONS_PER_USER, ServerSettings
+
+__all__ = ["main"]
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"AGENTCAST_{name}", default)
+
+
+def _env_flag(name: str) -> bool:
+    return (_env(name) or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agentcast", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("serve", help="run the WebSocket + HTTP server")
+    run.add_argument("--host", default=_env("HOST", DEFAULT_HOST))
+    run.add_argument("--port", type=int, default=int(_env("PORT", str(DEFAULT_PORT)) or 0),
+                     help="0 picks a free port (printed on the first line)")
+    run.add_argument("--secret", default=_env("SECRET"),
+                     help="HS256 token secret, at least 32 bytes (AGENTCAST_SECRET)")
+    run.add_argument("--allowed-origin", action="append", dest="allowed_origins",
+                     default=[o for o in (_env("ALLOWED_ORIGINS") or "").split(",") if o],
+                     help="exact Origin allowed to connect; repeat for several")
+    run.add_argument("--demo", action="store_true", default=_env_flag("DEMO"),
+                     help="demo page at /, simulated agent, generated secret and demo token")
+    run.add_argument("--demo-speed", type=float, default=float(_env("DEMO_SPEED", "1") or 1))
+    run.add_argument("--max-connections-per-user", type=int,
+                     default=int(_env("MAX_CONNECTIONS_PER_USER", "") or MAX_CONNECTIONS_PER_USER))
+    run.add_argument("--max-message-bytes", type=int,
+                     default=int(_env("MAX_MESSAGE_BYTES", "") or Config().max_message_bytes))
+    run.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+
+    token = commands.add_parser("token", help="print a signed token that serve accepts")
+    token.add_argument("--user", required=True)
+    token.add_argument("--thread", action="append", dest="threads", default=[])
+    token.add_argument("--ttl", type=float, default=float(DEFAULT_TTL))
+    token.add_argument("--secret", default=_env("SECRET"))
+    return parser
+
+
+async def _run(settings: ServerSettings) -> None:
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        running: RunningServer = await nursery.start(
+            lambda task_status: serve(settings, stop=stop, task_status=task_status)
+        )
+        print(f"agentcast listening on {running.url}", flush=True)
+        if settings.demo:
+            print(f"demo page: {running.url}/  (connects as {DEMO_USER!r})", flush=True)
+            token = issue_token(running.secret, DEMO_USER)
+            print(f"demo token: {token}", flush=True)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                print(f"agentcast: {signal.Signals(signum).name}, draining", flush=True)
+                stop.set()
+                break
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``agentcast`` command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    if args.command == "token":
+        if not args.secret:
+            print("agentcast token: --secret (or AGENTCAST_SECRET) is required", file=sys.stderr)
+            return 2
+        try:
+            print(issue_token(args.secret, args.user, threads=args.threads, ttl=args.ttl))
+        except ValueError as exc:
+            print(f"agentcast token: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = ServerSettings(
+            host=args.host, port=args.port, secret=args.secret,
+            allowed_origins=tuple(args.allowed_origins), demo=args.demo,
+            demo_speed=args.demo_speed, max_connections_per_user=args.max_connections_per_user,
+            core=attrs.evolve(Config(), max_message_bytes=args.max_message_bytes),
+        )
+        if settings.secret is None and not settings.demo:
+            raise ValueError(
+                "refusing to start without a token secret: pass --secret (or AGENTCAST_SECRET), "
+                "or --demo for a local demo"
+            )
+        if settings.secret is not None:
+            check_secret(settings.secret)
+    except ValueError as exc:
+        print(f"agentcast serve: {exc}", file=sys.stderr)
+        return 2
+    trio.run(_run, settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Run the server: listeners, the manager, and a graceful stop.
+
+Stopping (``stop`` set, e.g. by SIGTERM) closes the listeners first, reports draining in
+``/health``, then leaves the manager's block, which cancels runs and closes every connection
+with 1001 within ``Config.shutdown_timeout``; whatever is still running after that is cancelled.
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+from importlib import resources
+from typing import Any, Final
+
+import attrs
+import trio
+
+from .._errors import ClientError
+from .._manager import open_manager
+from .._session import MessageHandler, UserSession
+from ..demo import simulated_agent
+from ._app import Server
+from ._auth import check_secret, issue_token
+from ._settings import ServerSettings
+
+__all__ = ["DEMO_USER", "RunningServer", "serve"]
+
+#: The user the demo page connects as.
+DEMO_USER: Final = "demo-user"
+#: Lifetime of the demo page's token, in seconds.
+DEMO_TOKEN_TTL: Final = 7 * 24 * 3600
+
+
+@attrs.frozen
+class RunningServer:
+    """What ``await nursery.start(serve, settings)`` hands back."""
+
+    server: Server
+    host: str
+    port: int
+    #: The secret in use (generated in demo mode when none was given).
+    secret: str
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def demo_message_handler(speed: float) -> MessageHandler:
+    """Start the simulated agent for every ``{"type": "user_message", "thread_id", "text"}``."""
+
+    async def handle(session: UserSession, connection: Any, frame: dict[str, Any]) -> None:
+        await trio.lowlevel.checkpoint()
+        thread_id, text = frame.get("thread_id"), frame.get("text")
+        if frame["type"] != "user_message":
+            raise ClientError("unknown_type", f"unknown frame type {frame['type']!r}")
+        if not isinstance(thread_id, str) or not isinstance(text, str) or not text.strip():
+            raise ClientError("invalid_field", "user_message needs thread_id and a non-empty text")
+        agent = functools.partial(simulated_agent, speed=speed)
+        session.start_run(thread_id, agent, text[:2000], agent_name="demo-agent")
+
+    return handle
+
+
+async def serve(
+    settings: ServerSettings,
+    *,
+    stop: trio.Event | None = None,
+    task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until ``stop`` is set (forever if None), then drain and return.
+
+    Raises:
+        ValueError: no secret outside demo mode, or a secret that is too short.
+    """
+    if settings.secret is None and not settings.demo:
+        raise ValueError(
+            "refusing to start without a token secret: pass --secret (or AGENTCAST_SECRET), "
+            "or --demo for a local demo"
+        )
+    secret = check_secret(settings.secret or secrets.token_urlsafe(32))
+    stop = trio.Event() if stop is None else stop
+    handler = demo_message_handler(settings.demo_speed) if settings.demo else None
+    async with trio.open_nursery() as handlers:
+        async with open_manager(settings.core, message_handler=handler) as manager:
+            listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
+            port = listeners[0].socket.getsockname()[1]
+            origins = frozenset({f"http://{settings.host}:{port}", f"http://localhost:{port}"})
+            server = Server(settings, manager, secret, own_origins=origins)
+            if settings.demo:
+                server.demo_page = _demo_page(issue_token(secret, DEMO_USER, ttl=DEMO_TOKEN_TTL))
+            with trio.CancelScope() as accepting:
+                async with trio.open_nursery() as listening:
+                    await listening.start(
+                        functools.partial(
+                            trio.serve_listeners, server.handle, listeners,
+                            handler_nursery=handlers,
+                        )
+                    )
+                    task_status.started(RunningServer(server, settings.host, port, secret))
+                    await stop.wait()
+                    server.draining = True
+                    accepting.cancel()  # stop accepting; open connections go on
+        # The manager has closed every connection with 1001; cut what is left (half-read heads).
+        handlers.cancel_scope.cancel()
+
+
+def _demo_page(token: str) -> bytes:
+    """The demo page with a token for the demo user baked in (demo mode only)."""
+    page = resources.files("agentcast.server").joinpath("demo.html").read_bytes()
+    return page.replace(b"__AGENTCAST_DEMO_TOKEN__", token.encode())

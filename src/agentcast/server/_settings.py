@@ -1,0 +1,64 @@
+"""Server settings: every knob of ``agentcast serve``, named, documented and validated once."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import attrs
+
+from .._config import Config
+
+__all__ = ["ServerSettings"]
+
+#: Address the server binds when none is given (loopback: exposing it is a decision).
+DEFAULT_HOST: Final = "127.0.0.1"
+#: Port the server binds when none is given.
+DEFAULT_PORT: Final = 8765
+#: Connections one user may hold at once; one more is refused with HTTP 429.
+MAX_CONNECTIONS_PER_USER: Final = 10
+#: Largest request head (request line and headers), in bytes; larger gets 431.
+MAX_HEADER_BYTES: Final = 8 * 1024
+#: Seconds a TCP connection has to send a complete request head.
+HANDSHAKE_TIMEOUT: Final = 10.0
+#: Seconds between server keepalive pings on an open WebSocket.
+PING_INTERVAL: Final = 20.0
+#: Seconds a pong may take before the connection is dropped as dead.
+PING_TIMEOUT: Final = 20.0
+
+
+def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class ServerSettings:
+    """What ``agentcast serve`` runs with; the CLI builds it from flags and AGENTCAST_* vars."""
+
+    host: str = DEFAULT_HOST
+    #: 0 picks a free port; the bound address is printed on the first line of output.
+    port: int = DEFAULT_PORT
+    #: HS256 secret for tokens (at least 32 bytes); required unless ``demo``.
+    secret: str | None = attrs.field(default=None, repr=False)
+    #: Exact ``Origin`` values allowed to open a WebSocket; requests without Origin (non-browser
+    #: clients) are allowed; with an empty list only the server's own origin is.
+    allowed_origins: tuple[str, ...] = ()
+    #: Serve the demo page and the simulated agent (generates a secret when none is given).
+    demo: bool = False
+    #: Speed factor of the demo agent's delays (2.0 is twice as fast).
+    demo_speed: float = attrs.field(default=1.0, validator=_positive)
+    max_connections_per_user: int = attrs.field(
+        default=MAX_CONNECTIONS_PER_USER, validator=_positive
+    )
+    max_header_bytes: int = attrs.field(default=MAX_HEADER_BYTES, validator=_positive)
+    handshake_timeout: float = attrs.field(default=HANDSHAKE_TIMEOUT, validator=_positive)
+    ping_interval: float = attrs.field(default=PING_INTERVAL, validator=_positive)
+    ping_timeout: float = attrs.field(default=PING_TIMEOUT, validator=_positive)
+    #: The core settings (queues, timeouts, history, inbound limits).
+    core: Config = attrs.Factory(Config)
+
+    def redacted(self) -> dict[str, Any]:
+        """These settings as JSON-ready data, with the secret replaced by ``"***"``."""
+        data = attrs.asdict(self)
+        data["secret"] = None if self.secret is None else "***"
+        return data
