@@ -62,3 +62,20 @@ async def test_events_sent_counts_events_not_control_frames(
     stats = session.get_stats()
     assert stats.events_sent == 3
     assert stats.events_published == 3
+
+
+async def test_known_fields_are_type_checked_so_events_always_fit_the_schema() -> None:
+    import pytest
+
+    for event_type, data in [
+        ("agent_started", {"agent_name": 5}),
+        ("agent_thinking", {"text": "x", "progress": 2.0}),
+        ("agent_thinking", {"text": "x", "step": True}),
+        ("tool_executing", {"tool_name": "t", "arguments": [1]}),
+        ("tool_completed", {"tool_name": "t", "result": 1, "duration_ms": -1, "ok": True}),
+        ("tool_completed", {"tool_name": "t", "result": 1, "duration_ms": 1, "ok": "yes"}),
+        ("agent_error", {"error_type": "E", "message": None}),
+    ]:
+        with pytest.raises(agentcast.InvalidEvent, match="must be"):
+            AgentEvent(event_type, data)
+    assert AgentEvent("custom_event", {"progress": 5}).data == {"progress": 5}

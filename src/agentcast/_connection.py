@@ -338,6 +338,9 @@ class Connection:
 
     async def _write(self, message: str) -> bool:
         """Write one message within ``write_timeout``; False if the connection must stop."""
+        # A close that came between two messages cuts nothing: stop before starting this one,
+        # so finish() closes politely with the code instead of aborting (1006).
+        await trio.lowlevel.checkpoint_if_cancelled()
         self._writing = True
         try:
             with trio.move_on_after(self._owner.config.write_timeout) as deadline:
@@ -364,7 +367,9 @@ class Connection:
             if not self._limiter.allow(trio.current_time()):
                 if self._limiter.strikes > config.rate_limit_strikes:
                     self._owner.counters.rate_limit_disconnects += 1
-                    self.close(CloseCode.RATE_LIMITED, "rate limit exceeded")
+                    # Drain: the refusals already queued are sent, and a busy writer is not
+                    # cut mid-write (which would turn 4029 into an abort, 1006).
+                    self.close(CloseCode.RATE_LIMITED, "rate limit exceeded", drain=True)
                     return
                 self._refuse(ProtocolError("rate_limited", "too many frames; slow down"))
                 continue

@@ -63,6 +63,37 @@ REQUIRED_DATA: Final[Mapping[str, frozenset[str]]] = {
     EventType.SYSTEM_NOTICE: frozenset({"message"}),
 }
 
+def _is_text(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_duration(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+
+
+def _is_fraction(value: object) -> bool:
+    return _is_duration(value) and value <= 1  # type: ignore[operator]
+
+
+#: Types of the known data fields of the known event types, as pinned in the schema.
+FIELD_RULES: Final[Mapping[str, tuple[Any, str]]] = {
+    "agent_name": (_is_text, "a string"),
+    "text": (_is_text, "a string"),
+    "step": (_is_int, "an integer"),
+    "progress": (_is_fraction, "a number from 0 to 1"),
+    "tool_name": (_is_text, "a string"),
+    "arguments": (lambda value: isinstance(value, Mapping), "an object"),
+    "duration_ms": (_is_duration, "a number >= 0"),
+    "ok": (lambda value: isinstance(value, bool), "a boolean"),
+    "error_type": (_is_text, "a string"),
+    "message": (_is_text, "a string"),
+    "reason": (_is_text, "a string"),
+}
+
 #: Frame types the server sends that are not events; an event may not use these names.
 CONTROL_TYPES: Final = frozenset({"subscribed", "unsubscribed", "error", "pong"})
 
@@ -129,6 +160,13 @@ class AgentEvent:
             raise InvalidEvent(
                 f"{self.type} event data is missing {', '.join(sorted(missing))}"
             )
+        if self.type in REQUIRED_DATA:
+            for key, (check, expected) in FIELD_RULES.items():
+                if key in self.data and not check(self.data[key]):
+                    raise InvalidEvent(
+                        f"{self.type} event data.{key} must be {expected}, "
+                        f"got {self.data[key]!r:.60}"
+                    )
         _reject_non_finite(self.data, "data")
         try:
             encoded = orjson.dumps(self.data, option=orjson.OPT_NON_STR_KEYS).decode()

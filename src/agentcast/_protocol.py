@@ -64,8 +64,8 @@ class CloseCode(enum.IntEnum):
 
 
 def close_reason(text: str) -> str:
-    """Trim ``text`` so its UTF-8 form fits a close frame."""
-    raw = text.encode()[:MAX_CLOSE_REASON_BYTES]
+    """Trim ``text`` so its UTF-8 form fits a close frame (lone surrogates become ``?``)."""
+    raw = text.encode("utf-8", "replace")[:MAX_CLOSE_REASON_BYTES]
     return raw.decode(errors="ignore")
 
 
@@ -143,7 +143,8 @@ def parse_client_frame(text: str | bytes, *, max_bytes: int) -> ClientFrame:
     """Parse one inbound WebSocket message.
 
     Raises:
-        ProtocolError: binary data (closes with 1003), too large (1009), not a JSON object,
+        ProtocolError: binary data (closes with 1003), not valid UTF-8 (1007), too large
+            (1009), not a JSON object,
             missing or malformed fields (error frame only).
     """
     if isinstance(text, bytes | bytearray):
@@ -151,7 +152,13 @@ def parse_client_frame(text: str | bytes, *, max_bytes: int) -> ClientFrame:
             "binary_frame", "binary frames are not supported; send JSON text",
             CloseCode.UNSUPPORTED_DATA,
         )
-    if len(text) > max_bytes or len(text.encode("utf-8", "surrogatepass")) > max_bytes:
+    try:
+        size = len(text) if len(text) > max_bytes else len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ProtocolError(
+            "invalid_utf8", "text frames must be valid UTF-8", CloseCode.INVALID_PAYLOAD
+        ) from None
+    if size > max_bytes:
         raise ProtocolError(
             "message_too_big", f"frames are limited to {max_bytes} bytes",
             CloseCode.MESSAGE_TOO_BIG,

@@ -69,8 +69,11 @@ class MemoryTransport:
         try:
             await self._outbox.send(message)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self._mark_closed(ABNORMAL_CLOSURE, "peer dropped the connection")
-            raise ConnectionClosed(self.closed) from None
+            # Not marked closed here: like trio-websocket, what the peer sent before it went
+            # away (its close frame included) can still be read with get_message.
+            raise ConnectionClosed(
+                CloseReason(ABNORMAL_CLOSURE, "peer dropped the connection")
+            ) from None
         self.sent_count += 1
 
     async def get_message(self) -> str | bytes:
@@ -95,6 +98,8 @@ class MemoryTransport:
         self._mark_closed(code, reason)
         try:
             await self._outbox.send(_CloseFrame(code, reason))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer is gone already: nothing to tell it
         finally:
             self._drop()
 

@@ -1,0 +1,424 @@
+"""Resume: per-(user, thread) seqs without gaps, and ``subscribe`` with ``since_seq`` replaying
+exactly what was missed, then going live with no duplicate and no gap."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import agentcast
+from agentcast import (
+    AgentEvent,
+    Config,
+    ConnectionManager,
+    EventType,
+    InMemoryBroker,
+    Recovery,
+    UserContext,
+    UserSession,
+)
+
+from .helpers import Client, connect, settle
+
+ALICE = UserContext.from_request(user_id="alice")
+BOB = UserContext.from_request(user_id="bob")
+
+
+def thinking(text: str) -> AgentEvent:
+    return AgentEvent(EventType.AGENT_THINKING, {"text": text})
+
+
+async def publish(session: UserSession, thread_id: str, count: int) -> list[int]:
+    return [
+        await session.send_to_thread(thread_id, thinking(f"{thread_id} event"))
+        for _ in range(count)
+    ]
+
+
+async def subscribe(client: Client, thread_id: str = "t1", **fields: Any) -> dict[str, Any]:
+    """Send a subscribe frame; return its ack, which must be the next frame."""
+    await client.send({"type": "subscribe", "thread_id": thread_id, **fields})
+    ack = await client.receive()
+    assert ack["type"] == "subscribed"
+    assert set(ack) == {"type", "thread_id", "seq", "epoch", "recovered"}
+    assert ack["thread_id"] == thread_id
+    return ack
+
+
+async def seqs_of(client: Client, count: int) -> list[int]:
+    frames = [await client.receive() for _ in range(count)]
+    assert all(f["type"] == "agent_thinking" for f in frames), frames
+    return [f["seq"] for f in frames]
+
+
+async def assert_nothing_pending(client: Client) -> None:
+    """The next frame is the pong to a fresh ping: nothing else was queued before it."""
+    await client.send({"type": "ping", "id": "probe"})
+    assert await client.receive() == {"type": "pong", "id": "probe"}
+
+
+async def epoch_of(session: UserSession, thread_id: str = "t1") -> str:
+    return (await session.recover(thread_id, None, None)).epoch
+
+
+# ---- seqs ---------------------------------------------------------------------------------
+
+
+async def test_seq_starts_at_one_and_grows_by_one_per_user_and_thread(
+    manager: ConnectionManager,
+) -> None:
+    alice = manager.get_websocket_manager(ALICE)
+    bob = manager.get_websocket_manager(BOB)
+    client, _ = await connect(alice, ("t1", "t2"))
+    assert [(await client.receive())["seq"] for _ in range(2)] == [0, 0]  # the two acks
+    assert await publish(alice, "t1", 5) == [1, 2, 3, 4, 5]
+    assert await publish(alice, "t2", 3) == [1, 2, 3]
+    assert await publish(bob, "t1", 2) == [1, 2]
+    assert await publish(alice, "t1", 2) == [6, 7]
+    frames = [await client.receive() for _ in range(10)]
+    by_thread: dict[str, list[int]] = {}
+    for frame in frames:
+        by_thread.setdefault(frame["thread_id"], []).append(frame["seq"])
+    assert by_thread == {"t1": [1, 2, 3, 4, 5, 6, 7], "t2": [1, 2, 3]}
+    await assert_nothing_pending(client)
+
+
+# ---- subscribe with since_seq -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_epoch", [True, False])
+async def test_since_seq_replays_exactly_the_missed_events_then_live(
+    manager: ConnectionManager, with_epoch: bool
+) -> None:
+    session = manager.get_websocket_manager(ALICE)
+    await publish(session, "t1", 10)
+    client, _ = await connect(session)
+    extra = {"epoch": await epoch_of(session)} if with_epoch else {}
+    ack = await subscribe(client, since_seq=4, **extra)
+    assert ack == {
+        "type": "subscribed", "thread_id": "t1", "seq": 10,
+        "epoch": await epoch_of(session), "recovered": True,
+    }
+    assert await seqs_of(client, 6) == [5, 6, 7, 8, 9, 10]
+    await publish(session, "t1", 3)
+    assert await seqs_of(client, 3) == [11, 12, 13]
+    await assert_nothing_pending(client)
+
+
+async def test_since_seq_zero_replays_the_whole_retained_stream(
+    manager: ConnectionManager,
+) -> None:
+    session = manager.get_websocket_manager(ALICE)
+    await publish(session, "t1", 4)
+    client, _ = await connect(session)
+    ack = await subscribe(client, since_seq=0)
+    assert (ack["seq"], ack["recovered"]) == (4, True)
+    assert await seqs_of(client, 4) == [1, 2, 3, 4]
+    await assert_nothing_pending(client)
+
+
+async def test_since_seq_equal_to_latest_recovers_with_nothing_replayed(
+    manager: ConnectionManager,
+) -> None:
+    session = manager.get_websocket_manager(ALICE)
+    await publish(session, "t1", 7)
+    client, _ = await connect(session)
+    ack = await subscribe(client, since_seq=7, epoch=await epoch_of(session))
+    assert (ack["seq"], ack["recovered"]) == (7, True)
+    await assert_nothing_pending(client)
+    await publish(session, "t1", 1)
+    assert await seqs_of(client, 1) == [8]
+
+
+async def test_since_seq_on_a_stream_nobody_published_to_recovers_empty(
+    manager: ConnectionManager,
+) -> None:
+    session = manager.get_websocket_manager(ALICE)
+    client, _ = await connect(session)
+    ack = await subscribe(client, "fresh", since_seq=0)
+    assert (ack["seq"], ack["recovered"]) == (0, True)
+    await assert_nothing_pending(client)
+    assert await session.send_to_thread("fresh", thinking("first")) == 1
+    assert await seqs_of(client, 1) == [1]
+
+
+async def test_since_seq_older_than_the_retained_history_replays_nothing() -> None:
+    async with agentcast.open_manager(Config(history_size=5)) as manager:
+        session = manager.get_websocket_manager(ALICE)
+        await publish(session, "t1", 10)  # 6..10 retained
+        client, _ = await connect(session)
+        ack = await subscribe(client, since_seq=4)
+        # A partial replay would look complete to the client: nothing is replayed at all.
+        assert (ack["seq"], ack["recovered"]) == (10, False)
+        await assert_nothing_pending(client)
+        await publish(session, "t1", 1)
+        assert await seqs_of(client, 1) == [11]
+
+        # The boundary, now that 7..11 are retained: since_seq=5 would need 6, which fell out
+        # when 11 was published; since_seq=6 needs exactly what is retained.
+        other, _ = await connect(session)
+        ack = await subscribe(other, since_seq=5)
+        assert (ack["seq"], ack["recovered"]) == (11, False)
+        await assert_nothing_pending(other)
+        ack = await subscribe(other, since_seq=6)
+        assert (ack["seq"], ack["recovered"]) == (11, True)
+        assert await seqs_of(other, 5) == [7, 8, 9, 10, 11]
+        await assert_nothing_pending(other)
+
+
+async def test_events_older_than_history_ttl_are_not_resumable(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with agentcast.open_manager(Config(history_ttl=10.0)) as manager:
+        session = manager.get_websocket_manager(ALICE)
+        keeper, _ = await connect(session)  # keeps the session (and the stream) alive
+        epoch = await epoch_of(session)
+        await publish(session, "t1", 3)  # at t=0
+        await trio.sleep(6)
+        await publish(session, "t1", 2)  # at t=6
+        await trio.sleep(6)  # t=12: 1..3 expired, 4..5 retained
+
+        client, _ = await connect(session)
+        ack = await subscribe(client, since_seq=1, epoch=epoch)
+        assert (ack["seq"], ack["epoch"], ack["recovered"]) == (5, epoch, False)
+        await assert_nothing_pending(client)
+
+        ack = await subscribe(client, since_seq=3, epoch=epoch)
+        assert (ack["seq"], ack["recovered"]) == (5, True)
+        assert await seqs_of(client, 2) == [4, 5]
+
+        await trio.sleep(11)  # everything expired; the stream keeps its seq and epoch
+        ack = await subscribe(client, since_seq=3, epoch=epoch)
+        assert (ack["seq"], ack["epoch"], ack["recovered"]) == (5, epoch, False)
+        await assert_nothing_pending(client)
+        assert await session.send_to_thread("t1", thinking("late")) == 6
+        assert await seqs_of(client, 1) == [6]
+        await assert_nothing_pending(keeper)
+
+
+async def test_a_wrong_epoch_replays_nothing(manager: ConnectionManager) -> None:
+    session = manager.get_websocket_manager(ALICE)
+    await publish(session, "t1", 5)
+    client, _ = await connect(session)
+    ack = await subscribe(client, since_seq=2, epoch="not-the-epoch")
+    assert ack["recovered"] is False
+    assert ack["epoch"] == await epoch_of(session)
+    assert ack["seq"] == 5
+    await assert_nothing_pending(client)
+    await publish(session, "t1", 1)
+    assert await seqs_of(client, 1) == [6]
+
+
+async def test_since_seq_beyond_latest_replays_nothing(manager: ConnectionManager) -> None:
+    session = manager.get_websocket_manager(ALICE)
+    await publish(session, "t1", 3)
+    client, _ = await connect(session)
+    ack = await subscribe(client, since_seq=9, epoch=await epoch_of(session))
+    assert (ack["seq"], ack["recovered"]) == (3, False)
+    await assert_nothing_pending(client)
+    await publish(session, "t1", 1)
+    assert await seqs_of(client, 1) == [4]
+
+
+async def test_subscribe_without_since_seq_is_live_only(manager: ConnectionManager) -> None:
+    session = manager.get_websocket_manager(ALICE)
+    await publish(session, "t1", 3)
+    client, _ = await connect(session)
+    ack = await subscribe(client)
+    assert (ack["seq"], ack["recovered"]) == (3, False)
+    await assert_nothing_pending(client)
+
+
+# ---- replay racing live events ----------------------------------------------------------------
+
+
+async def test_events_published_during_the_replay_follow_it_without_gap_or_duplicate(
+    manager: ConnectionManager,
+) -> None:
+    session = manager.get_websocket_manager(ALICE)
+    await publish(session, "t1", 50)
+    total = 250
+    client, _ = await connect(session)
+    async with trio.open_nursery() as nursery:
+
+        async def producer() -> None:
+            for _ in range(total - 50):
+                await session.send_to_thread("t1", thinking("live"))
+                await trio.lowlevel.checkpoint()
+
+        await client.send({"type": "subscribe", "thread_id": "t1", "since_seq": 20})
+        nursery.start_soon(producer)
+        ack = await client.receive()
+        assert ack["type"] == "subscribed"
+        assert ack["recovered"] is True
+        seqs = [f["seq"] for f in [await client.receive() for _ in range(total - 20)]]
+    assert seqs == list(range(21, total + 1))
+    await assert_nothing_pending(client)
+
+
+@attrs.define(eq=False)
+class GatedBroker(InMemoryBroker):
+    """An in-memory broker whose ``recover`` pauses (before or after reading the history)
+    while the test publishes, the way a networked broker's round trip would."""
+
+    gate_before: bool = True
+    entered: trio.Event = attrs.Factory(trio.Event)
+    release: trio.Event = attrs.Factory(trio.Event)
+
+    async def recover(
+        self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None
+    ) -> Recovery:
+        if self.gate_before:
+            self.entered.set()
+            await self.release.wait()
+        recovery = await super().recover(user_id, thread_id, since_seq, epoch)
+        if not self.gate_before:
+            self.entered.set()
+            await self.release.wait()
+        return recovery
+
+
+@pytest.mark.parametrize("gate_before", [True, False], ids=["before-read", "after-read"])
+@pytest.mark.parametrize("since_seq", [3, None], ids=["resume", "live-only"])
+async def test_events_published_while_the_replay_is_fetched_are_held_then_released(
+    gate_before: bool, since_seq: int | None
+) -> None:
+    broker = GatedBroker(Config(), gate_before=gate_before)
+    async with agentcast.open_manager(broker=broker) as manager:
+        session = manager.get_websocket_manager(ALICE)
+        await publish(session, "t1", 5)
+        client, connection = await connect(session)
+        await client.send({"type": "subscribe", "thread_id": "t1", "since_seq": since_seq})
+        await broker.entered.wait()
+        await publish(session, "t1", 4)  # 6..9, while recover() is in flight
+        broker.release.set()
+        ack = await client.receive()
+        await publish(session, "t1", 2)  # 10..11
+        if since_seq is None:
+            # Live only: the stream starts when the route was registered, before 6.
+            assert (ack["recovered"], ack["seq"]) == (False, 5)
+            expected = list(range(6, 12))
+        else:
+            assert ack["recovered"] is True
+            # Read before the publishes the replay ends at 5; after, at 9.
+            assert ack["seq"] == (9 if gate_before else 5)
+            expected = list(range(since_seq + 1, 12))
+        assert await seqs_of(client, len(expected)) == expected
+        await assert_nothing_pending(client)
+        assert connection.threads == frozenset({"t1"})
+
+
+async def test_frames_sent_while_the_replay_is_fetched_are_handled_after_it() -> None:
+    broker = GatedBroker(Config())
+    async with agentcast.open_manager(broker=broker) as manager:
+        session = manager.get_websocket_manager(ALICE)
+        await publish(session, "t1", 5)
+        client, connection = await connect(session)
+        await client.send({"type": "subscribe", "thread_id": "t1", "since_seq": 0})
+        await broker.entered.wait()
+        await client.send({"type": "unsubscribe", "thread_id": "t1"})
+        await publish(session, "t1", 2)  # 6, 7: held, and also in the replay read after them
+        broker.release.set()
+        ack = await client.receive()
+        assert (ack["type"], ack["seq"], ack["recovered"]) == ("subscribed", 7, True)
+        assert await seqs_of(client, 7) == [1, 2, 3, 4, 5, 6, 7]
+        assert await client.receive() == {"type": "unsubscribed", "thread_id": "t1"}
+        await publish(session, "t1", 2)
+        await assert_nothing_pending(client)
+        assert connection.threads == frozenset()
+
+
+# ---- reconnecting ------------------------------------------------------------------------------
+
+
+async def test_a_reconnecting_client_gets_exactly_what_it_missed(
+    manager: ConnectionManager,
+) -> None:
+    session = manager.get_websocket_manager(ALICE)
+    client, connection = await connect(session, ("t1",))
+    ack = await client.receive()
+    await publish(session, "t1", 3)
+    assert await seqs_of(client, 3) == [1, 2, 3]
+    await client.transport.aclose()
+    await connection.wait_closed()
+
+    await publish(session, "t1", 5)  # missed: 4..8
+
+    again, _ = await connect(session)
+    resumed = await subscribe(again, since_seq=3, epoch=ack["epoch"])
+    assert (resumed["seq"], resumed["epoch"], resumed["recovered"]) == (8, ack["epoch"], True)
+    assert await seqs_of(again, 5) == [4, 5, 6, 7, 8]
+    await publish(session, "t1", 1)
+    assert await seqs_of(again, 1) == [9]
+    await assert_nothing_pending(again)
+
+
+async def test_history_outlives_the_session(autojump_clock: trio.testing.MockClock) -> None:
+    async with agentcast.open_manager(Config(session_linger=5.0)) as manager:
+        session = manager.get_websocket_manager(ALICE)
+        client, connection = await connect(session, ("t1",))
+        ack = await client.receive()
+        await publish(session, "t1", 3)
+        assert await seqs_of(client, 3) == [1, 2, 3]
+        await client.transport.aclose()
+        await connection.wait_closed()
+        await publish(session, "t1", 2)  # missed while lingering: 4, 5
+
+        await trio.sleep(6)  # the linger expires; the session closes
+        await settle()
+        assert session.closed
+        assert manager.session("alice") is None
+
+        fresh = manager.get_websocket_manager(ALICE)
+        assert fresh is not session
+        again, _ = await connect(fresh)
+        resumed = await subscribe(again, since_seq=3, epoch=ack["epoch"])
+        assert (resumed["seq"], resumed["epoch"], resumed["recovered"]) == (5, ack["epoch"], True)
+        assert await seqs_of(again, 2) == [4, 5]
+        assert await fresh.send_to_thread("t1", thinking("next")) == 6
+        assert await seqs_of(again, 1) == [6]
+
+
+# ---- the replay window, as a property ------------------------------------------------------
+
+
+async def play_resume(history_size: int, published: int, since_seq: int, same_epoch: bool) -> None:
+    async with agentcast.open_manager(Config(history_size=history_size)) as manager:
+        session = manager.get_websocket_manager(ALICE)
+        await publish(session, "t1", published)
+        client, _ = await connect(session)
+        epoch = await epoch_of(session) if same_epoch else "elsewhere"
+        ack = await subscribe(client, since_seq=since_seq, epoch=epoch)
+        oldest = max(1, published - history_size + 1)
+        recoverable = same_epoch and oldest - 1 <= since_seq <= published
+        assert ack["recovered"] is recoverable
+        assert ack["seq"] == published
+        if recoverable:
+            assert await seqs_of(client, published - since_seq) == list(
+                range(since_seq + 1, published + 1)
+            )
+        await assert_nothing_pending(client)
+        await publish(session, "t1", 1)
+        assert await seqs_of(client, 1) == [published + 1]
+
+
+@settings(deadline=None, max_examples=40)
+@given(
+    history_size=st.integers(1, 8),
+    published=st.integers(0, 15),
+    since_seq=st.integers(0, 18),
+    same_epoch=st.booleans(),
+)
+def test_a_replay_is_complete_or_not_attempted(
+    history_size: int, published: int, since_seq: int, same_epoch: bool
+) -> None:
+    trio.run(
+        play_resume, history_size, published, since_seq, same_epoch,
+        clock=trio.testing.MockClock(autojump_threshold=0),
+    )
