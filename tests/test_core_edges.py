@@ -8,7 +8,7 @@ import trio
 import agentcast
 from agentcast import AgentEvent, Config, EventType, UserContext
 
-from .helpers import connect
+from .helpers import connect, settle
 
 
 def thinking(text: str) -> AgentEvent:
@@ -56,6 +56,7 @@ async def test_events_sent_counts_events_not_control_frames(
     for index in range(3):
         await session.send_to_thread("t1", thinking(str(index)))
     frames = [await client.receive() for _ in range(5)]
+    await settle()  # the counter moves when the writer's send returns, after the client read
     assert sorted(frame["type"] for frame in frames) == [
         "agent_thinking", "agent_thinking", "agent_thinking", "pong", "subscribed",
     ]
