@@ -12,7 +12,7 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed
 
-from agentcast import UserSession
+from agentcast import AgentEvent, EventType, UserSession
 from agentcast.testing import MemoryTransport
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "docs" / "event.schema.json"
@@ -91,3 +91,8 @@ async def connect(
 async def settle() -> None:
     """Let every runnable task run until all are blocked (no time passes)."""
     await trio.testing.wait_all_tasks_blocked()
+
+
+def thinking(text: str) -> AgentEvent:
+    """An ``agent_thinking`` event, the everyday test payload."""
+    return AgentEvent(EventType.AGENT_THINKING, {"text": text})

@@ -13,11 +13,7 @@ import agentcast
 import agentcast._broker
 from agentcast import AgentEvent, Config, EventType, UserContext
 
-from .helpers import Client, check_event, connect, settle
-
-
-def thinking(text: str) -> AgentEvent:
-    return AgentEvent(EventType.AGENT_THINKING, {"text": text})
+from .helpers import Client, check_event, connect, settle, thinking
 
 
 async def raw_messages(client: Client, frames: int) -> list[str]:

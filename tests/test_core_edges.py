@@ -6,13 +6,9 @@ from __future__ import annotations
 import trio
 
 import agentcast
-from agentcast import AgentEvent, Config, EventType, UserContext
+from agentcast import AgentEvent, Config, UserContext
 
-from .helpers import connect, settle
-
-
-def thinking(text: str) -> AgentEvent:
-    return AgentEvent(EventType.AGENT_THINKING, {"text": text})
+from .helpers import connect, settle, thinking
 
 
 async def test_a_quiet_stream_with_a_live_session_keeps_its_seq(

@@ -15,25 +15,20 @@ from trio_websocket import ConnectionClosed
 
 import agentcast
 from agentcast import (
-    AgentEvent,
     ClientError,
     CloseCode,
     Config,
     Connection,
     ConnectionManager,
-    EventType,
     UserContext,
     UserSession,
 )
 
-from .helpers import Client, connect
+from .helpers import Client, connect, thinking
 
 ALICE = UserContext.from_request(user_id="alice")
 BOB = UserContext.from_request(user_id="bob")
 
-
-def thinking(text: str) -> AgentEvent:
-    return AgentEvent(EventType.AGENT_THINKING, {"text": text})
 
 
 async def subscribed(session: UserSession, threads: tuple[str, ...] = ("t1",)) -> Client:

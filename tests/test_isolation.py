@@ -20,7 +20,7 @@ from trio_websocket import ConnectionClosed
 import agentcast
 from agentcast import AgentEvent, Config, Connection, ConnectionManager, EventType, UserContext
 
-from .helpers import EVENT_TYPES, Client, connect, settle
+from .helpers import EVENT_TYPES, Client, connect, settle, thinking
 
 USERS = ("alice", "bob", "carol")
 THREADS = ("t1", "t2", "t3")
@@ -30,9 +30,6 @@ MAX_CONNECTIONS = 4
 def ctx(user: str) -> UserContext:
     return UserContext.from_request(user_id=user)
 
-
-def thinking(text: str) -> AgentEvent:
-    return AgentEvent(EventType.AGENT_THINKING, {"text": text})
 
 
 def notice(text: str) -> AgentEvent:

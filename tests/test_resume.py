@@ -14,24 +14,19 @@ from hypothesis import strategies as st
 
 import agentcast
 from agentcast import (
-    AgentEvent,
     Config,
     ConnectionManager,
-    EventType,
     InMemoryBroker,
     Recovery,
     UserContext,
     UserSession,
 )
 
-from .helpers import Client, connect, settle
+from .helpers import Client, connect, settle, thinking
 
 ALICE = UserContext.from_request(user_id="alice")
 BOB = UserContext.from_request(user_id="bob")
 
-
-def thinking(text: str) -> AgentEvent:
-    return AgentEvent(EventType.AGENT_THINKING, {"text": text})
 
 
 async def publish(session: UserSession, thread_id: str, count: int) -> list[int]:
