@@ -101,6 +101,23 @@ async def test_health_stats_config_and_unknown_paths(server: Running) -> None:
     assert (await server.get("/ws"))[0] == 426
 
 
+async def test_metrics_expose_connections_events_and_rejections(server: Running) -> None:
+    assert await server.handshake("/ws") == 401
+    async with open_websocket_url(f"{server.url()}?token={server.token()}") as ws:
+        await ws.send_message(json.dumps({"type": "subscribe", "thread_id": "t1"}))
+        await ws.get_message()
+        await ws.send_message(json.dumps({"type": "user_message", "thread_id": "t1", "text": "x"}))
+        while json.loads(await ws.get_message())["type"] != "agent_completed":
+            pass
+        text = (await server.raw(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")).decode()
+    assert text.startswith("HTTP/1.1 200")
+    assert "agentcast_connections 1.0" in text
+    assert 'agentcast_events_published_total{type="agent_started"} 1.0' in text
+    assert 'agentcast_events_published_total{type="agent_completed"} 1.0' in text
+    assert 'agentcast_handshake_rejections_total{reason="auth_missing"} 1.0' in text
+    assert "agentcast_slow_consumer_closes_total 0.0" in text
+
+
 async def test_garbage_and_bad_handshakes_get_clear_statuses(server: Running) -> None:
     assert (await server.raw(b"\x16\x03\x01 not http at all\r\n\r\n")).startswith(b"HTTP/1.1 400")
     big = b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 10000 + b"\r\n\r\n"

@@ -23,6 +23,7 @@ from .._manager import ConnectionManager
 from .._protocol import BATCH_SUBPROTOCOL, CloseCode
 from ._auth import AuthError, Claims, verify_token
 from ._front import HeadError, PrefixedStream, RequestHead, read_request_head, send_response
+from ._metrics import CONTENT_TYPE, Metrics
 from ._settings import ServerSettings
 
 __all__ = ["Server"]
@@ -52,6 +53,7 @@ class Server:
     #: Handshakes refused, by reason (origin, auth_missing, auth_expired, limit, ...).
     rejections: dict[str, int] = attrs.Factory(dict)
     demo_page: bytes | None = None
+    metrics: Metrics | None = None
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Serve one TCP connection from its first byte to its close."""
@@ -94,6 +96,8 @@ class Server:
             stats = attrs.asdict(self.manager.get_stats())
             stats["handshake_rejections"] = dict(self.rejections)
             await send_response(stream, 200, _json(stats))
+        elif path == "/metrics" and self.metrics is not None:
+            await send_response(stream, 200, self.metrics.render(), content_type=CONTENT_TYPE)
         elif path == "/config":
             await send_response(stream, 200, _json(self.settings.redacted()))
         elif path == "/ws":

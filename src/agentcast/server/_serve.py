@@ -15,12 +15,14 @@ from typing import Any, Final
 import attrs
 import trio
 
+from .._broker import InMemoryBroker
 from .._errors import ClientError
 from .._manager import open_manager
 from .._session import MessageHandler, UserSession
 from ..demo import simulated_agent
 from ._app import Server
 from ._auth import check_secret, issue_token
+from ._metrics import Metrics
 from ._settings import ServerSettings
 
 __all__ = ["DEMO_USER", "RunningServer", "serve"]
@@ -82,11 +84,16 @@ async def serve(
     stop = trio.Event() if stop is None else stop
     handler = demo_message_handler(settings.demo_speed) if settings.demo else None
     async with trio.open_nursery() as handlers:
-        async with open_manager(settings.core, message_handler=handler) as manager:
+        metrics = Metrics()
+        broker = metrics.wrap(InMemoryBroker(settings.core))
+        async with open_manager(
+            settings.core, broker=broker, message_handler=handler
+        ) as manager:
             listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
             port = listeners[0].socket.getsockname()[1]
             origins = frozenset({f"http://{settings.host}:{port}", f"http://localhost:{port}"})
-            server = Server(settings, manager, secret, own_origins=origins)
+            server = Server(settings, manager, secret, own_origins=origins, metrics=metrics)
+            metrics.watch(manager, server.rejections)
             if settings.demo:
                 server.demo_page = _demo_page(issue_token(secret, DEMO_USER, ttl=DEMO_TOKEN_TTL))
             with trio.CancelScope() as accepting:
