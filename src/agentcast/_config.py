@@ -44,7 +44,8 @@ SHUTDOWN_TIMEOUT: Final = 5.0
 ERROR_MESSAGE_LIMIT: Final = 500
 
 
-def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+def positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    """attrs validator: the field must be greater than zero."""
     if not value > 0:
         raise ValueError(f"Config.{attribute.name} must be > 0, got {value!r}")
 
@@ -62,38 +63,38 @@ class Config:
     """
 
     #: Events (and control frames) queued per connection; a full queue closes it with 4008.
-    send_queue_size: int = attrs.field(default=SEND_QUEUE_SIZE, validator=_positive)
+    send_queue_size: int = attrs.field(default=SEND_QUEUE_SIZE, validator=positive)
     #: Seconds one socket write may block before the connection is aborted as a slow consumer.
-    write_timeout: float = attrs.field(default=WRITE_TIMEOUT, validator=_positive)
+    write_timeout: float = attrs.field(default=WRITE_TIMEOUT, validator=positive)
     #: Seconds a close handshake may take; past it the transport is dropped.
-    close_timeout: float = attrs.field(default=CLOSE_TIMEOUT, validator=_positive)
+    close_timeout: float = attrs.field(default=CLOSE_TIMEOUT, validator=positive)
     #: Seconds an idle session lingers before its nursery closes.
     session_linger: float = attrs.field(default=SESSION_LINGER, validator=_non_negative)
     #: Seconds ``get_websocket_manager_async`` waits for manager and broker readiness.
-    ready_timeout: float = attrs.field(default=READY_TIMEOUT, validator=_positive)
+    ready_timeout: float = attrs.field(default=READY_TIMEOUT, validator=positive)
     #: Events retained per (user, thread) for resume.
-    history_size: int = attrs.field(default=HISTORY_SIZE, validator=_positive)
+    history_size: int = attrs.field(default=HISTORY_SIZE, validator=positive)
     #: Seconds an event stays in history.
-    history_ttl: float = attrs.field(default=HISTORY_TTL, validator=_positive)
+    history_ttl: float = attrs.field(default=HISTORY_TTL, validator=positive)
     #: Most events joined into one batched message.
-    batch_max_events: int = attrs.field(default=BATCH_MAX_EVENTS, validator=_positive)
+    batch_max_events: int = attrs.field(default=BATCH_MAX_EVENTS, validator=positive)
     #: Most characters in one batched message (a single larger event is still sent alone).
-    batch_max_bytes: int = attrs.field(default=BATCH_MAX_BYTES, validator=_positive)
+    batch_max_bytes: int = attrs.field(default=BATCH_MAX_BYTES, validator=positive)
     #: Largest inbound client frame; larger ones close the connection with 1009.
-    max_message_bytes: int = attrs.field(default=MAX_MESSAGE_BYTES, validator=_positive)
+    max_message_bytes: int = attrs.field(default=MAX_MESSAGE_BYTES, validator=positive)
     #: Sustained inbound frames per second per connection.
-    inbound_rate: float = attrs.field(default=INBOUND_RATE, validator=_positive)
+    inbound_rate: float = attrs.field(default=INBOUND_RATE, validator=positive)
     #: Inbound burst allowance (token bucket capacity).
-    inbound_burst: int = attrs.field(default=INBOUND_BURST, validator=_positive)
+    inbound_burst: int = attrs.field(default=INBOUND_BURST, validator=positive)
     #: Frames over the limit answered with an error frame before the connection is closed (4029).
-    rate_limit_strikes: int = attrs.field(default=RATE_LIMIT_STRIKES, validator=_positive)
+    rate_limit_strikes: int = attrs.field(default=RATE_LIMIT_STRIKES, validator=positive)
     #: Threads one connection may subscribe to at once.
-    max_subscriptions: int = attrs.field(default=MAX_SUBSCRIPTIONS, validator=_positive)
+    max_subscriptions: int = attrs.field(default=MAX_SUBSCRIPTIONS, validator=positive)
     #: Seconds the shielded terminal event of a cancelled run may take.
     terminal_event_timeout: float = attrs.field(
-        default=TERMINAL_EVENT_TIMEOUT, validator=_positive
+        default=TERMINAL_EVENT_TIMEOUT, validator=positive
     )
     #: Seconds a graceful manager shutdown may take.
-    shutdown_timeout: float = attrs.field(default=SHUTDOWN_TIMEOUT, validator=_positive)
+    shutdown_timeout: float = attrs.field(default=SHUTDOWN_TIMEOUT, validator=positive)
     #: Characters of an agent exception's message sent in ``agent_error``.
     error_message_limit: int = attrs.field(default=ERROR_MESSAGE_LIMIT, validator=_non_negative)

@@ -6,7 +6,7 @@ from typing import Any, Final
 
 import attrs
 
-from .._config import Config
+from .._config import Config, positive
 
 __all__ = ["ServerSettings"]
 
@@ -26,11 +26,6 @@ PING_INTERVAL: Final = 20.0
 PING_TIMEOUT: Final = 20.0
 
 
-def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{attribute.name} must be > 0, got {value!r}")
-
-
 @attrs.frozen(kw_only=True)
 class ServerSettings:
     """What ``agentcast serve`` runs with; the CLI builds it from flags and AGENTCAST_* vars."""
@@ -46,14 +41,14 @@ class ServerSettings:
     #: Serve the demo page and the simulated agent (generates a secret when none is given).
     demo: bool = False
     #: Speed factor of the demo agent's delays (2.0 is twice as fast).
-    demo_speed: float = attrs.field(default=1.0, validator=_positive)
+    demo_speed: float = attrs.field(default=1.0, validator=positive)
     max_connections_per_user: int = attrs.field(
-        default=MAX_CONNECTIONS_PER_USER, validator=_positive
+        default=MAX_CONNECTIONS_PER_USER, validator=positive
     )
-    max_header_bytes: int = attrs.field(default=MAX_HEADER_BYTES, validator=_positive)
-    handshake_timeout: float = attrs.field(default=HANDSHAKE_TIMEOUT, validator=_positive)
-    ping_interval: float = attrs.field(default=PING_INTERVAL, validator=_positive)
-    ping_timeout: float = attrs.field(default=PING_TIMEOUT, validator=_positive)
+    max_header_bytes: int = attrs.field(default=MAX_HEADER_BYTES, validator=positive)
+    handshake_timeout: float = attrs.field(default=HANDSHAKE_TIMEOUT, validator=positive)
+    ping_interval: float = attrs.field(default=PING_INTERVAL, validator=positive)
+    ping_timeout: float = attrs.field(default=PING_TIMEOUT, validator=positive)
     #: The core settings (queues, timeouts, history, inbound limits).
     core: Config = attrs.Factory(Config)
 
