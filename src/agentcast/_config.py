@@ -47,12 +47,12 @@ ERROR_MESSAGE_LIMIT: Final = 500
 def positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     """attrs validator: the field must be greater than zero."""
     if not value > 0:
-        raise ValueError(f"Config.{attribute.name} must be > 0, got {value!r}")
+        raise ValueError(f"{type(instance).__name__}.{attribute.name} must be > 0, got {value!r}")
 
 
 def _non_negative(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if not value >= 0:
-        raise ValueError(f"Config.{attribute.name} must be >= 0, got {value!r}")
+        raise ValueError(f"{type(instance).__name__}.{attribute.name} must be >= 0, got {value!r}")
 
 
 @attrs.frozen(kw_only=True)
