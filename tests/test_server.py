@@ -168,6 +168,30 @@ async def test_a_demo_run_streams_in_order_over_a_real_socket(server: Running) -
     assert {"agent_thinking", "tool_executing", "tool_completed"} <= {e["type"] for e in events}
 
 
+def websockets_client_run(url: str) -> list[dict[str, object]]:
+    """A team's Python service: the websockets library's sync client, batching offered."""
+    from websockets.sync.client import connect as ws_connect
+
+    frames: list[dict[str, object]] = []
+    with ws_connect(url, subprotocols=[BATCH_SUBPROTOCOL], open_timeout=10) as ws:  # type: ignore
+        ws.send(json.dumps({"type": "subscribe", "thread_id": "t9"}))
+        ws.send(json.dumps({"type": "user_message", "thread_id": "t9", "text": "hello"}))
+        while not frames or frames[-1]["type"] != "agent_completed":
+            message = ws.recv(timeout=10)
+            assert isinstance(message, str)
+            frames.extend(json.loads(line) for line in message.split("\n"))
+    return frames
+
+
+async def test_a_websockets_library_client_gets_the_same_stream(server: Running) -> None:
+    url = f"{server.url()}?token={server.token('carol')}"
+    frames = await trio.to_thread.run_sync(websockets_client_run, url)
+    assert frames[0]["type"] == "subscribed"
+    events = frames[1:]
+    assert events[0]["type"] == "agent_started"
+    assert [event["seq"] for event in events] == list(range(1, len(events) + 1))
+
+
 async def test_the_connection_limit_refuses_one_more_with_429(server: Running) -> None:
     url = f"{server.url()}?token={server.token()}"
     async with open_websocket_url(url), open_websocket_url(url):
