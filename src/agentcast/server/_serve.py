@@ -68,9 +68,14 @@ async def serve(
     settings: ServerSettings,
     *,
     stop: trio.Event | None = None,
+    message_handler: MessageHandler | None = None,
     task_status: trio.TaskStatus[RunningServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``stop`` is set (forever if None), then drain and return.
+
+    ``message_handler`` handles client frame types agentcast does not know (see
+    :class:`~agentcast.MessageHandler`); in demo mode it defaults to starting the simulated agent
+    for ``user_message`` frames.
 
     Raises:
         ValueError: no secret outside demo mode, or a secret that is too short.
@@ -82,7 +87,9 @@ async def serve(
         )
     secret = check_secret(settings.secret or secrets.token_urlsafe(32))
     stop = trio.Event() if stop is None else stop
-    handler = demo_message_handler(settings.demo_speed) if settings.demo else None
+    handler = message_handler
+    if handler is None and settings.demo:
+        handler = demo_message_handler(settings.demo_speed)
     async with trio.open_nursery() as handlers:
         metrics = Metrics()
         broker = metrics.wrap(InMemoryBroker(settings.core))
