@@ -81,10 +81,13 @@ async def connect(
     capacity: int = 64,
     batch: bool | None = None,
     subprotocol: str | None = None,
+    allowed_threads: tuple[str, ...] | None = None,
 ) -> tuple[Client, Any]:
     """Attach a new in-memory client to ``session``; return (client, Connection)."""
     server, client = MemoryTransport.pair(capacity=capacity, subprotocol=subprotocol)
-    connection = await session.add_connection(server, threads=threads, batch=batch)
+    connection = await session.add_connection(
+        server, threads=threads, batch=batch, allowed_threads=allowed_threads
+    )
     return Client(client), connection
 
 

@@ -220,3 +220,20 @@ async def test_stop_closes_every_connection_with_1001(server: Running) -> None:
         # (its reader stops without closing the stream and aclose() returns early).
         await trio.aclose_forcefully(ws._stream)
     assert server.server.draining
+
+
+async def test_a_token_naming_threads_subscribes_and_confines_the_client(
+    server: Running,
+) -> None:
+    url = f"{server.url()}?token={server.token(threads=['t1'])}"
+    async with open_websocket_url(url) as ws:
+        ack = json.loads(await ws.get_message())
+        assert (ack["type"], ack["thread_id"]) == ("subscribed", "t1")
+        for frame in ({"type": "subscribe", "thread_id": "t2"},
+                      {"type": "user_message", "thread_id": "t2", "text": "hi"}):
+            await ws.send_message(json.dumps(frame))
+            error = json.loads(await ws.get_message())
+            assert (error["type"], error["code"]) == ("error", "forbidden_thread")
+        await ws.send_message(json.dumps({"type": "user_message", "thread_id": "t1", "text": "x"}))
+        event = json.loads(await ws.get_message())
+        assert (event["type"], event["thread_id"]) == ("agent_started", "t1")

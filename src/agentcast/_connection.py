@@ -72,8 +72,11 @@ class ConnectionOwner(Protocol):
     def index_unsubscribe(self, thread_id: str, connection: Connection) -> None:
         """Stop routing the thread's events to ``connection``."""
 
-    def cancel_run(self, run_id: str, reason: str = ...) -> bool:
-        """Cancel one of this user's runs; False if there is no such active run."""
+    def cancel_run(
+        self, run_id: str, reason: str = ..., *, threads: frozenset[str] | None = ...
+    ) -> bool:
+        """Cancel one of this user's runs (on one of ``threads``, if given); False if there is
+        no such active run."""
 
     def detach(self, connection: Connection) -> None:
         """Forget a connection that has finished closing."""
@@ -117,6 +120,9 @@ class Connection:
     _send: trio.MemorySendChannel[Outgoing]
     _receive: trio.MemoryReceiveChannel[Outgoing]
     _limiter: _RateLimiter
+    #: The threads this client may subscribe to, message and cancel runs on (None: any of the
+    #: user's threads), e.g. from the ``threads`` claim of its token.
+    allowed_threads: frozenset[str] | None = None
     #: thread id -> last seq queued for it, or None while its replay is being fetched.
     _subs: dict[str, int | None] = attrs.Factory(dict)
     #: Live events that arrived while a thread's replay was being fetched.
@@ -131,7 +137,14 @@ class Connection:
     _finished: trio.Event = attrs.Factory(trio.Event)
 
     @classmethod
-    def create(cls, owner: ConnectionOwner, transport: Transport, *, batch: bool) -> Connection:
+    def create(
+        cls,
+        owner: ConnectionOwner,
+        transport: Transport,
+        *,
+        batch: bool,
+        allowed_threads: frozenset[str] | None = None,
+    ) -> Connection:
         """Build a connection with its bounded channel; the session then runs :meth:`serve`."""
         config = owner.config
         send, receive = trio.open_memory_channel[Outgoing](config.send_queue_size)
@@ -139,7 +152,9 @@ class Connection:
             config.inbound_rate, config.inbound_burst, float(config.inbound_burst),
             trio.current_time(),
         )
-        return cls(f"c-{next(_ids)}", transport, batch, owner, send, receive, limiter)
+        return cls(
+            f"c-{next(_ids)}", transport, batch, owner, send, receive, limiter, allowed_threads
+        )
 
     def __repr__(self) -> str:
         return (
@@ -389,8 +404,22 @@ class Connection:
         else:
             self.enqueue((error_frame(exc.code, exc.message),))
 
+    def _forbidden(self, thread_id: object) -> bool:
+        """True (and an error frame queued) if this client may not use ``thread_id``."""
+        allowed = self.allowed_threads
+        if allowed is None or not isinstance(thread_id, str) or thread_id in allowed:
+            return False
+        self._refuse(ProtocolError(
+            "forbidden_thread", f"this connection may not use thread {thread_id!r}"
+        ))
+        return True
+
     async def _dispatch(self, frame: ClientFrame) -> None:
         match frame:
+            case Subscribe(thread_id=thread_id) if self._forbidden(thread_id):
+                pass
+            case CustomFrame(payload=payload) if self._forbidden(payload.get("thread_id")):
+                pass
             case Subscribe():
                 await self._subscribe(frame)
             case Unsubscribe(thread_id=thread_id):
@@ -399,7 +428,9 @@ class Connection:
                     self._owner.index_unsubscribe(thread_id, self)
                 self.enqueue((unsubscribed_frame(thread_id),))
             case CancelRun(run_id=run_id):
-                if not self._owner.cancel_run(run_id, "cancelled by client"):
+                if not self._owner.cancel_run(
+                    run_id, "cancelled by client", threads=self.allowed_threads
+                ):
                     self._refuse(
                         ProtocolError("unknown_run", f"no active run {run_id!r} of yours")
                     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, final
 
@@ -91,12 +91,15 @@ class UserSession:
         *,
         threads: Sequence[str] = (),
         batch: bool | None = None,
+        allowed_threads: Collection[str] | None = None,
     ) -> Connection:
         """Attach a transport; its writer and reader run in this session's nursery.
 
         Returns at once. ``threads`` are subscribed immediately (live events only; the client
         can resume with a ``subscribe`` frame). ``batch=None`` turns batching on when the
-        transport negotiated the ``agentcast.ndjson`` subprotocol.
+        transport negotiated the ``agentcast.ndjson`` subprotocol. ``allowed_threads`` restricts
+        which threads the client may subscribe to, message and cancel runs on (None: all of
+        this user's); others get a ``forbidden_thread`` error frame.
 
         Raises:
             SessionClosed: the session has closed; get a fresh one.
@@ -104,12 +107,13 @@ class UserSession:
         """
         for thread_id in threads:
             check_id("thread_id", thread_id)
+        allowed = None if allowed_threads is None else frozenset(allowed_threads)
         await self._opened.wait()
         self._check_open()
         assert self._nursery is not None
         if batch is None:
             batch = getattr(transport, "subprotocol", None) == BATCH_SUBPROTOCOL
-        connection = Connection.create(self, transport, batch=batch)
+        connection = Connection.create(self, transport, batch=batch, allowed_threads=allowed)
         self._connections[connection.connection_id] = connection
         self.counters.connections_opened += 1
         self._notify()
@@ -128,12 +132,15 @@ class UserSession:
         *,
         threads: Sequence[str] = (),
         batch: bool | None = None,
+        allowed_threads: Collection[str] | None = None,
     ) -> None:
         """Add a connection and wait until it closes: the body of a WebSocket handler.
 
         If the caller is cancelled, the connection is closed with 1001 first.
         """
-        connection = await self.add_connection(transport, threads=threads, batch=batch)
+        connection = await self.add_connection(
+            transport, threads=threads, batch=batch, allowed_threads=allowed_threads
+        )
         try:
             await connection.wait_closed()
         finally:
@@ -290,14 +297,18 @@ class UserSession:
                 run.run_id, self.user_id, exc_info=True,
             )
 
-    def cancel_run(self, run_id: str, reason: str = "cancelled") -> bool:
+    def cancel_run(
+        self, run_id: str, reason: str = "cancelled", *, threads: frozenset[str] | None = None
+    ) -> bool:
         """Cancel one of this user's active runs; it sends ``agent_cancelled``.
+
+        ``threads`` limits it to runs on those threads (a connection restricted by its token).
 
         Returns:
             False if this user has no such active run (another user's run id included).
         """
         run = self._runs.get(run_id)
-        if run is None:
+        if run is None or (threads is not None and run.thread_id not in threads):
             return False
         run.cancel(reason)
         return True

@@ -196,7 +196,10 @@ class Server:
             ws = await request.accept(subprotocol=subprotocol)
             nursery.start_soon(self._keepalive, ws)
             try:
-                await session.serve_connection(ws, threads=claims.threads)
+                # A token naming threads subscribes to them and confines the client to them.
+                await session.serve_connection(
+                    ws, threads=claims.threads, allowed_threads=claims.threads or None
+                )
             except InvalidIdentifier:  # pragma: no cover - claims are validated ids
                 await ws.aclose(CloseCode.POLICY_VIOLATION, "invalid thread in token")
             nursery.cancel_scope.cancel()
