@@ -107,8 +107,9 @@ async def test_metrics_expose_connections_events_and_rejections(server: Running)
         await ws.send_message(json.dumps({"type": "subscribe", "thread_id": "t1"}))
         await ws.get_message()
         await ws.send_message(json.dumps({"type": "user_message", "thread_id": "t1", "text": "x"}))
+        delivered = 1
         while json.loads(await ws.get_message())["type"] != "agent_completed":
-            pass
+            delivered += 1
         text = (await server.raw(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")).decode()
     assert text.startswith("HTTP/1.1 200")
     assert "agentcast_connections 1.0" in text
@@ -116,6 +117,10 @@ async def test_metrics_expose_connections_events_and_rejections(server: Running)
     assert 'agentcast_events_published_total{type="agent_completed"} 1.0' in text
     assert 'agentcast_handshake_rejections_total{reason="auth_missing"} 1.0' in text
     assert "agentcast_slow_consumer_closes_total 0.0" in text
+    # Every live event the client read was observed once in the delivery latency histogram.
+    assert f'agentcast_event_delivery_seconds_bucket{{le="+Inf"}} {float(delivered)}' in text
+    assert f"agentcast_event_delivery_seconds_count {float(delivered)}" in text
+    assert 'agentcast_event_delivery_seconds_bucket{le="0.0005"}' in text
 
 
 async def test_garbage_and_bad_handshakes_get_clear_statuses(server: Running) -> None:

@@ -20,6 +20,7 @@ from trio_websocket import ConnectionClosed
 from ._config import Config
 from ._errors import ClientError, InvalidEvent, InvalidIdentifier
 from ._history import Recovery
+from ._latency import DeliveryLatency
 from ._protocol import (
     CancelRun,
     ClientFrame,
@@ -62,6 +63,10 @@ class ConnectionOwner(Protocol):
 
     @property
     def counters(self) -> Counters: ...
+
+    @property
+    def delivery_latency(self) -> DeliveryLatency:
+        """The histogram the writer reports delivery latencies to."""
 
     async def recover(self, thread_id: str, since_seq: int | None, epoch: str | None) -> Recovery:
         """Replay information for (this user, thread)."""
@@ -300,6 +305,7 @@ class Connection:
     async def _write_loop(self) -> None:
         counters = self._owner.counters
         limit = self._owner.config.batch_max_events
+        latency = self._owner.delivery_latency
         receive = self._receive
         try:
             while True:
@@ -307,8 +313,11 @@ class Connection:
                     item = await receive.receive()
                 except trio.EndOfChannel:
                     return
+                # Plain strings are live events; tuples are a control frame and its replay.
+                oldest_live: str | None = None
+                live = 0
                 if isinstance(item, str):
-                    frames, events = [item], 1
+                    frames, events, oldest_live, live = [item], 1, item, 1
                 else:
                     frames, events = list(item), len(item) - 1
                 while len(frames) < limit:
@@ -319,6 +328,9 @@ class Connection:
                     if isinstance(item, str):
                         frames.append(item)
                         events += 1
+                        live += 1
+                        if oldest_live is None:
+                            oldest_live = item
                     else:
                         frames.extend(item)
                         events += len(item) - 1
@@ -327,6 +339,8 @@ class Connection:
                         return
                     counters.messages_sent += 1
                 counters.events_sent += events
+                if oldest_live is not None:
+                    latency.observe_frame(oldest_live, live)
         finally:
             # However the writer ends (drained, slow, peer gone), the reader must stop too.
             self._scope.cancel()

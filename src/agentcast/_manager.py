@@ -22,6 +22,7 @@ from ._config import Config
 from ._context import UserContext
 from ._errors import ManagerNotReady, ManagerNotRunning
 from ._events import AgentEvent
+from ._latency import DeliveryLatency
 from ._protocol import CloseCode
 from ._session import MessageHandler, UserSession
 from ._stats import Counters, ManagerStats, count_tasks
@@ -60,6 +61,8 @@ class ConnectionManager:
     _retired: Counters = attrs.Factory(Counters)
     _sessions_closed: int = 0
     _session_crashes: int = 0
+    #: Publish-to-written latency of live events, over all connections.
+    delivery_latency: DeliveryLatency = attrs.Factory(DeliveryLatency)
 
     def __repr__(self) -> str:
         state = "closing" if self._closing else "running"
@@ -175,6 +178,7 @@ class ConnectionManager:
             session_crashes=self._session_crashes,
             broker_streams=broker.streams,
             broker_retained_events=broker.retained_events,
+            delivery_latency=self.delivery_latency.snapshot(),
             per_user=per_user,
             **attrs.asdict(totals),
         )

@@ -24,6 +24,7 @@ from ._errors import ClientError, SessionClosed
 from ._events import AgentEvent
 from ._history import Recovery
 from ._ids import check_id, new_id
+from ._latency import DeliveryLatency
 from ._protocol import BATCH_SUBPROTOCOL, CloseCode, CustomFrame
 from ._run import Run, run_scope
 from ._stats import Counters, SessionStats, count_tasks
@@ -77,6 +78,11 @@ class UserSession:
             f"<UserSession {self.user_id!r} connections={len(self._connections)} "
             f"runs={len(self._runs)} closing={self._closing}>"
         )
+
+    @property
+    def delivery_latency(self) -> DeliveryLatency:
+        """The manager-wide delivery latency histogram this session's writers report to."""
+        return self._manager.delivery_latency
 
     @property
     def closed(self) -> bool:

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import attrs
 import trio
 
+from ._latency import LatencySnapshot
+
 __all__ = ["Counters", "ManagerStats", "SessionStats", "count_tasks"]
 
 
@@ -118,5 +120,7 @@ class ManagerStats:
     broker_streams: int
     #: Events the broker retains for resume.
     broker_retained_events: int
+    #: Publish-to-written latency of live events (see ``agentcast._latency``).
+    delivery_latency: LatencySnapshot
     #: Per-user snapshots, keyed by user id.
     per_user: Mapping[str, SessionStats]

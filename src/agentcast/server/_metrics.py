@@ -13,7 +13,12 @@ from typing import Final
 import attrs
 import trio
 from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from .._broker import Broker, BrokerStats, EventSink
@@ -96,6 +101,17 @@ class _StatsCollector(Collector):
         for reason, count in sorted(self.rejections().items()):
             rejected.add_metric([reason], count)
         yield rejected
+        latency = stats.delivery_latency
+        buckets = [(repr(bound), count) for bound, count in zip(
+            latency.bounds, latency.counts, strict=True
+        )]
+        buckets.append(("+Inf", latency.count))
+        yield HistogramMetricFamily(
+            "agentcast_event_delivery_seconds",
+            "Seconds from publishing a live event to the end of its socket write (each batch's "
+            "oldest event, counted for every event in the batch).",
+            buckets=buckets, sum_value=latency.sum,
+        )
 
 
 @attrs.define(eq=False)
