@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import settings
+
 
 import agentcast
 from agentcast import Config, ConnectionManager
@@ -13,6 +15,11 @@ from agentcast import Config, ConnectionManager
 from .helpers import SCHEMA_VALIDATOR
 
 __all__ = ["SCHEMA_VALIDATOR"]
+
+# Properties are checked by their examples, not their speed: a loaded CI machine must not turn
+# a slow example into a failure (timing is measured in benchmarks/, never asserted here).
+settings.register_profile("agentcast", deadline=None)
+settings.load_profile("agentcast")
 
 
 @pytest.fixture

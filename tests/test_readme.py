@@ -18,6 +18,11 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert test_command in (ROOT / ".ci" / "run").read_text()
 
 
+def test_readme_main_command_is_the_demo_server() -> None:
+    # tests/test_server_process.py runs `agentcast serve --demo` and fetches its page.
+    assert shell_blocks()[0].endswith(".venv/bin/agentcast serve --demo")
+
+
 def test_readme_demo_command_runs_the_stream_demo() -> None:
     demo = next(block for block in shell_blocks() if "examples/" in block)
     assert "examples/stream_demo.py" in demo

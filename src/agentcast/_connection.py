@@ -139,6 +139,8 @@ class Connection:
     _peer_closed: bool = False
     #: True while a write is in progress: cancelling it may leave half a frame on the wire.
     _writing: bool = False
+    #: Set by :meth:`abort`: the peer is dead, so no close handshake is attempted.
+    _aborting: bool = False
     _finished: trio.Event = attrs.Factory(trio.Event)
 
     @classmethod
@@ -246,6 +248,16 @@ class Connection:
         else:
             self._scope.cancel()
 
+    def abort(self, code: int, reason: str = "") -> None:
+        """Drop the connection without a close handshake, e.g. a peer that stopped answering
+        pings (a close frame would only wait for a reply that never comes). Returns at once;
+        ``code`` is recorded as the close code."""
+        if self._close_code is None:
+            self._close_code = code
+            self._close_reason = close_reason(reason)
+        self._aborting = True
+        self._scope.cancel()
+
     def _peer_gone(self, exc: ConnectionClosed) -> None:
         self._peer_closed = True
         if self._close_code is None:
@@ -266,7 +278,7 @@ class Connection:
         try:
             if self._peer_closed:
                 pass
-            elif self._writing:
+            elif self._writing or self._aborting:
                 await abort_transport(self.transport, self._close_code, self._close_reason)
             else:
                 await close_transport(

@@ -147,6 +147,11 @@ class UserSession:
         connection = await self.add_connection(
             transport, threads=threads, batch=batch, allowed_threads=allowed_threads
         )
+        await self.hold_connection(connection)
+
+    async def hold_connection(self, connection: Connection) -> None:
+        """Wait until ``connection`` closes; if the caller is cancelled, close it with 1001
+        first (bounded by ``close_timeout``). ``serve_connection`` is add + hold."""
         try:
             await connection.wait_closed()
         finally:

@@ -17,8 +17,8 @@ import orjson
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
+from .._connection import Connection
 from .._context import UserContext
-from .._errors import InvalidIdentifier
 from .._manager import ConnectionManager
 from .._protocol import BATCH_SUBPROTOCOL, CloseCode
 from ._auth import AuthError, Claims, verify_token
@@ -194,19 +194,17 @@ class Server:
                 max_message_size=self.settings.core.max_message_bytes,
             )
             ws = await request.accept(subprotocol=subprotocol)
-            nursery.start_soon(self._keepalive, ws)
-            try:
-                # A token naming threads subscribes to them and confines the client to them.
-                await session.serve_connection(
-                    ws, threads=claims.threads, allowed_threads=claims.threads or None
-                )
-            except InvalidIdentifier:  # pragma: no cover - claims are validated ids
-                await ws.aclose(CloseCode.POLICY_VIOLATION, "invalid thread in token")
+            # A token naming threads subscribes to them and confines the client to them.
+            connection = await session.add_connection(
+                ws, threads=claims.threads, allowed_threads=claims.threads or None
+            )
+            nursery.start_soon(self._keepalive, ws, connection)
+            await session.hold_connection(connection)
             nursery.cancel_scope.cancel()
 
-    async def _keepalive(self, ws: WebSocketConnection) -> None:
+    async def _keepalive(self, ws: WebSocketConnection, connection: Connection) -> None:
         """Ping every ``ping_interval``; a peer that does not answer within ``ping_timeout``
-        (black-holed, or its socket buffer full) is dropped."""
+        (black-holed, or its socket buffer full) is dropped without a close handshake."""
         while True:
             await trio.sleep(self.settings.ping_interval)
             with trio.move_on_after(self.settings.ping_timeout) as waited:
@@ -215,8 +213,6 @@ class Server:
                 except ConnectionClosed:
                     return
             if waited.cancelled_caught:
-                log.info("dropping a connection that did not answer a ping")
-                with trio.CancelScope() as abort:
-                    abort.cancel()
-                    await ws.aclose(CloseCode.GOING_AWAY, "ping timeout")
+                log.info("dropping connection %s: no pong in time", connection.connection_id)
+                connection.abort(CloseCode.GOING_AWAY, "ping timeout")
                 return
