@@ -57,9 +57,11 @@ def drive_page(url: str, screenshot: Path) -> dict[str, list[str]]:
                 "#events li[data-seq]", "els => els.map(e => Number(e.dataset.seq))"
             )
             # Lose the network mid-run; the page reconnects with since_seq and loses nothing.
+            # The cancelled run may or may not have reached its tool call, so count from here.
+            tools_before = len(page.query_selector_all("li.tool_executing"))
             page.fill("#message", "Resume me")
             page.click("#send-button")
-            page.wait_for_selector("li.tool_executing >> nth=2", timeout=20_000)
+            page.wait_for_selector(f"li.tool_executing >> nth={tools_before}", timeout=20_000)
             page.click("#drop")
             page.wait_for_selector("li.notice:has-text('resumed')", timeout=20_000)
             page.wait_for_selector("li.agent_completed >> nth=1", timeout=20_000)
