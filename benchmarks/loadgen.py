@@ -24,6 +24,7 @@ import socket
 import sys
 import threading
 import time
+from contextlib import suppress
 from typing import Any
 
 import orjson
@@ -58,9 +59,7 @@ class Client:
     async def open(self) -> None:
         kwargs: dict[str, Any] = {"compression": None, "ping_interval": None, "open_timeout": 60}
         if self.peer == "agentcast":
-            from agentcast.server import issue_token  # noqa: PLC0415 - only this peer needs it
-
-            token = issue_token(self.spec["secret"], self.user)
+            token = self.spec["tokens"][self.user]
             kwargs["subprotocols"] = ["agentcast.ndjson", f"bearer.{token}"]
         if self.slow:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -137,7 +136,9 @@ class Run:
         wall = time.perf_counter() - began
         self.clients = [c for c in self.clients if c.ws is not None]
         times.sort()
+        slow_ports = [c.ws.local_address[1] for c in self.clients if c.slow and c.ws is not None]
         return {
+            "slow_port": slow_ports[0] if slow_ports else None,
             "opened": len(times), "failures": len(failures), "failure_kinds": sorted(set(failures)),
             "wall": wall, "handshake_p50": times[len(times) // 2] if times else None,
             "handshake_p99": times[int(len(times) * 0.99)] if times else None,
@@ -194,10 +195,8 @@ class Run:
             now = time.time()
             if now > deadline or (self.last_arrival and now - self.last_arrival > quiet):
                 break
-            try:
+            with suppress(TimeoutError):
                 await asyncio.wait_for(self.all_in.wait(), 0.1)
-            except TimeoutError:
-                pass
         cpu, end = time.process_time() - cpu0, max(self.last_arrival, wall0)
         return {"cpu": cpu, "wall": end - wall0, **await self.totals()}
 
@@ -227,9 +226,7 @@ class Run:
                         data = frame.get("data")
                         if isinstance(data, dict) and "n" in data:
                             highest = max(highest, data["n"])
-        except ConnectionClosed:
-            pass
-        except TimeoutError:
+        except (ConnectionClosed, TimeoutError):
             pass
         code = client.ws.close_code
         return {"closed": code is not None, "close_code": code, "events_before_close": highest}
@@ -248,7 +245,7 @@ class Run:
 
 def raise_fd_limit() -> None:
     """Lift the soft open-file limit to the hard one (idle scenario: thousands of sockets)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
@@ -258,8 +255,8 @@ def emit(payload: dict[str, Any]) -> None:
 
 
 async def main() -> None:
-    """Spec keys: peer, port, secret, users, tabs, thread, drive ({count,size,rate} or null),
-    slow_user, concurrency, deadline, quiet, lifetime."""
+    """Spec keys: peer, port, tokens (agentcast: user -> token), users, tabs, thread,
+    drive ({count, size, rate} or null), slow_user, concurrency, deadline, quiet, lifetime."""
     loop = asyncio.get_running_loop()
     lines: asyncio.Queue[str] = asyncio.Queue()
 

@@ -63,6 +63,13 @@ class Peer:
                 return int(line.split()[1]) * 1024
         return self.rss()  # pragma: no cover - Linux always has VmHWM
 
+    def holds_client_port(self, port: int) -> bool:
+        """Whether the server still has an established TCP connection from client ``port``."""
+        return any(
+            c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+            for c in self.ps.net_connections(kind="tcp4")
+        )
+
     def reset_peak(self) -> None:
         """Reset VmHWM to the current RSS (Linux ``clear_refs`` 5), so a scenario sees its own."""
         with suppress(OSError):
@@ -97,10 +104,10 @@ class LoadGen:
         self.proc.stdin.write((line + "\n").encode())
         await self.proc.stdin.drain()
 
-    async def receive(self, key: str, timeout: float) -> Any:
+    async def receive(self, key: str, seconds: float) -> Any:
         assert self.proc.stdout is not None
         while True:
-            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+            line = await asyncio.wait_for(self.proc.stdout.readline(), seconds)
             if not line:
                 raise RuntimeError(f"load generator exited before sending {key!r}")
             message = json.loads(line)

@@ -32,7 +32,7 @@ def rows_of(value: Any) -> list[dict[str, Any]]:
 
 def _cell(value: Any) -> str:
     if value is None:
-        return "–"
+        return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
@@ -65,7 +65,8 @@ def verdicts(results: dict[str, Any]) -> list[str]:
         a, b = mine["server_cpu_us_per_event"], theirs["server_cpu_us_per_event"]
         ok = a is not None and b is not None and a <= b / 2 and mine["losses"] == 0
         lines.append(
-            f"burst {mine['connections']} conns: {'MET' if ok else 'MISSED'} — agentcast {a} µs/event "
+            f"burst {mine['connections']} conns: {'MET' if ok else 'MISSED'} — agentcast {a} "
+            f"µs/event "
             f"vs websockets {b} (target ≤ {None if b is None else round(b / 2, 2)}), "
             f"losses {mine['losses']}"
         )
@@ -80,7 +81,7 @@ def verdicts(results: dict[str, Any]) -> list[str]:
         ok = not worse and sat_a >= 2 * sat_b
         lines.append(
             f"steady: {'MET' if ok else 'MISSED'} — saturation agentcast "
-            f"{'≥ ' if all_a else ''}{sat_a}/s vs websockets {sat_b}/s (target ≥ 2×); "
+            f"{'≥ ' if all_a else ''}{sat_a}/s vs websockets {sat_b}/s (target ≥ 2x); "
             f"levels where agentcast p99 was not lower: {worse or 'none'}"
         )
     idle = ours.get("idle")
@@ -94,7 +95,7 @@ def verdicts(results: dict[str, Any]) -> list[str]:
         ok = ratio is not None and ratio <= 1.2 and slow["others_losses"] == 0
         lines.append(
             f"slow-consumer: {'MET' if ok else 'MISSED'} — others' p99 {slow['p99_with_slow']} ms "
-            f"vs {slow['p99_undisturbed']} ms undisturbed ({ratio}×, target ≤ 1.2×); stalled "
+            f"vs {slow['p99_undisturbed']} ms undisturbed ({ratio}x, target ≤ 1.2x); stalled "
             f"client closed: {_cell(slow['slow_closed'])} (code {slow['slow_close_code']}); "
             f"peak RSS {slow['peak_rss_mb']} MB"
         )
@@ -162,7 +163,8 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     for peer, scenarios in peers.items():
         rows = [r for r in rows_of(scenarios.get("steady")) if r.get("p99") is not None]
         if rows:
-            ax.plot([r["offered_per_s"] for r in rows], [r["p99"] for r in rows], "o-", label=f"{peer} p99")
+            offered = [r["offered_per_s"] for r in rows]
+            ax.plot(offered, [r["p99"] for r in rows], "o-", label=f"{peer} p99")
             ax.plot([r["offered_per_s"] for r in rows], [r["p50"] for r in rows], ":", alpha=0.6,
                     label=f"{peer} p50")
     ax.set(xscale="log", yscale="log", xlabel="offered deliveries/s", ylabel="latency (ms)",
@@ -176,7 +178,8 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     for offset, size in enumerate(sizes):
         values = [next((r["server_cpu_us_per_event"] or 0 for r in rows_of(peers[p].get("burst"))
                         if r["connections"] == size), 0) for p in names]
-        ax.bar([i + offset * width for i in range(len(names))], values, width, label=f"{size} conns")
+        positions = [i + offset * width for i in range(len(names))]
+        ax.bar(positions, values, width, label=f"{size} conns")
     ax.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(names))], names)
     ax.set(ylabel="server CPU µs per delivered event", title="burst: CPU per event")
     ax.legend()

@@ -70,7 +70,9 @@ class Histogram:
         return bucket_value(max(self.counts))  # pragma: no cover - rank <= total
 
 
-def percentiles_ms(histogram: Histogram, qs: Iterable[float] = (0.5, 0.99, 0.999)) -> dict[str, float | None]:
+def percentiles_ms(
+    histogram: Histogram, qs: Iterable[float] = (0.5, 0.99, 0.999)
+) -> dict[str, float | None]:
     """``{"p50": ms, "p99": ms, ...}`` of a histogram."""
     out: dict[str, float | None] = {}
     for q in qs:

@@ -14,7 +14,7 @@ def parse_lifetime() -> float:
     parser.add_argument("--lifetime", type=int, default=1800)
     args = parser.parse_args()
     signal.alarm(args.lifetime)  # default SIGALRM action terminates the process
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # idle scenario: many sockets
     return args.lifetime
 

@@ -39,7 +39,8 @@ async def emit(user: str, frame: dict[str, object]) -> None:
         target = due(time.time() - start, rate, count)
         while n < target:
             n += 1
-            await send_to_thread(user, thread_id, encode_event(thread_id, pad, n, user, time.time()))
+            message = encode_event(thread_id, pad, n, user, time.time())
+            await send_to_thread(user, thread_id, message)
         if n < count:
             await trio.sleep(TICK)
 
