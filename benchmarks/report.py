@@ -134,12 +134,39 @@ def integrity_failures(results: dict[str, Any]) -> list[str]:
     return found
 
 
+def headline_table(results: dict[str, Any]) -> str:
+    """One row per peer with the figure that matters most from each scenario."""
+    head = ["peer", "burst µs/event (conns)", "burst events/s", "steady max sustained/s",
+            "idle KB/conn", "handshakes/s", "slow-consumer p99 ratio", "cross-user"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for peer, scenarios in results["peers"].items():
+        bursts = rows_of(scenarios.get("burst"))
+        steady = rows_of(scenarios.get("steady"))
+        slow = scenarios.get("slow-consumer") or {}
+        iso = scenarios.get("isolation") or {}
+        cells = [
+            peer,
+            ", ".join(
+                f"{_cell(r['server_cpu_us_per_event'])} ({r['connections']})" for r in bursts
+            ),
+            ", ".join(_cell(r["events_per_s"]) for r in bursts),
+            _cell(saturation(steady)[0]) if steady else "-",
+            _cell((scenarios.get("idle") or {}).get("kb_per_connection")),
+            _cell((scenarios.get("connect") or {}).get("handshakes_per_s")),
+            _cell(slow.get("p99_ratio")),
+            _cell(iso.get("cross_user")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(results: dict[str, Any]) -> str:
     meta = results["meta"]
     parts = [
         "# agentcast benchmark results", "",
         f"`{meta['command']}` on {meta['machine']} — {meta['date']}", "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
+        "## Headline", "", headline_table(results), "",
         "## Verdicts (issue 4 targets)", "", *[f"- {line}" for line in verdicts(results)], "",
     ]
     for scenario in COLUMNS:

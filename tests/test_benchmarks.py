@@ -113,6 +113,7 @@ def test_markdown_has_a_row_per_peer_and_verdicts() -> None:
     text = report.markdown(_results())
     assert "| agentcast | 100 | 1000 | 2 |" in text
     assert "| websockets | 100 | 1000 | 6 |" in text
+    assert "| agentcast | 2 (100) | 1000 | 1000 | 12.5 |" in report.headline_table(_results())
     verdicts = report.verdicts(_results())
     assert verdicts[0].startswith("burst 100 conns: MET")
     assert any(line.startswith("idle: MET") for line in verdicts)
