@@ -54,8 +54,8 @@ QUICK: Final = Sizes(
 FULL: Final = Sizes(
     idle_connections=3000, connect_connections=1000, isolation_users=200, isolation_events=100,
     bursts=((10, 10, 500), (100, 10, 100)), steady_users=20, steady_tabs=5,
-    steady_levels=(2500, 5000, 10000, 20000, 40000, 80000), steady_seconds=3.0,
-    slow=(10, 4, 400, 8.0), loadgen_processes=2, idle_hold=2.0,
+    steady_levels=(500, 1000, 2500, 5000, 10000, 20000, 40000), steady_seconds=3.0,
+    slow=(10, 4, 50, 8.0), loadgen_processes=2, idle_hold=2.0,
 )
 
 Progress = Callable[[str], None]
@@ -105,6 +105,9 @@ async def run_load(
                 break
             await asyncio.wait([collecting], timeout=0.2)
         results = await collecting
+        wall_end = max((r["wall"] for r in results), default=0.0)
+        if slow_closed_after is not None and slow_closed_after > wall_end:
+            slow_closed_after = None  # gone only when the load generator hung up at the end
         server_cpu = peer.cpu() - cpu0
         peak = peer.peak_rss()
     tally, histogram = Tally(), Histogram()
