@@ -78,7 +78,7 @@ def verdicts(results: dict[str, Any]) -> list[str]:
                  and (r["p99"] or 0) >= (theirs_by[r["offered_per_s"]]["p99"] or 0)]
         sat_a, all_a = saturation(mine_rows)
         sat_b, _ = saturation(their_rows)
-        ok = not worse and sat_a >= 2 * sat_b
+        ok = not worse and sat_a > 0 and sat_a >= 2 * sat_b
         lines.append(
             f"steady: {'MET' if ok else 'MISSED'} — saturation agentcast "
             f"{'≥ ' if all_a else ''}{sat_a}/s vs websockets {sat_b}/s (target ≥ 2x); "
