@@ -1,0 +1,105 @@
+"""``python -m benchmarks [scenario ...] [--quick] [--out DIR] [--peers ...]``: the runner.
+
+Starts each peer in turn as its own process, runs the chosen scenarios against it with separate
+load-generator processes, then writes results.json, results.md and PNG plots to ``--out`` and
+prints the verdict lines. Exits 1 when a peer lost, duplicated, reordered or misrouted events
+where that must not happen (see ``report.integrity_failures``); timing is never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import platform
+import sys
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import attrs
+import psutil
+from rich.console import Console
+
+from benchmarks import report
+from benchmarks.peers import PEERS
+from benchmarks.procs import running_peer
+from benchmarks.scenarios import FULL, QUICK, SCENARIOS
+
+#: Order scenarios run in against one server process: idle first, so its RSS is a clean base.
+ORDER = ["idle", "connect", "isolation", "burst", "steady", "slow-consumer"]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("scenarios", nargs="*", metavar="scenario",
+                        help=f"any of {', '.join(ORDER)} (default: all)")
+    parser.add_argument("--quick", action="store_true", help="small sizes (CI smoke run)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    parser.add_argument("--peers", nargs="*", choices=list(PEERS), default=list(PEERS))
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.scenarios) - set(ORDER))
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(ORDER)}")
+    return args
+
+
+def meta(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    packages = ["agentcast", "trio", "trio-websocket", "websockets", "python-socketio",
+                "python-engineio", "uvicorn", "orjson"]
+    return {
+        "command": "python -m benchmarks " + " ".join(argv),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, "
+                   f"{round(psutil.virtual_memory().total / 2**30, 1)} GB, "
+                   f"Python {platform.python_version()}, {platform.system()} {platform.release()}",
+        "versions": {name: version(name) for name in packages},
+        "mode": "quick" if args.quick else "full",
+        "sizes": attrs.asdict(QUICK if args.quick else FULL),
+    }
+
+
+async def run(args: argparse.Namespace, argv: list[str], console: Console) -> dict[str, Any]:
+    sizes = QUICK if args.quick else FULL
+    chosen = [name for name in ORDER if name in (args.scenarios or ORDER)]
+    results: dict[str, Any] = {"meta": meta(args, argv), "peers": {}}
+    with console.status("starting") as status:
+        for peer_name in args.peers:
+            rows: dict[str, Any] = {}
+            results["peers"][peer_name] = rows
+            async with running_peer(peer_name, lifetime=1800) as peer:
+                for name in chosen:
+                    def progress(text: str, peer_name: str = peer_name) -> None:
+                        status.update(f"[bold]{peer_name}[/]: {text}")
+
+                    rows[name] = await SCENARIOS[name](peer, sizes, progress)
+                    console.log(f"{peer_name} {name}: {_short(rows[name])}")
+    return results
+
+
+def _short(row: Any) -> str:
+    keys = ("events_per_s", "server_cpu_us_per_event", "p99", "kb_per_connection",
+            "handshakes_per_s", "p99_ratio", "cross_user", "losses")
+    rows = row if isinstance(row, list) else [row]
+    return " | ".join(", ".join(f"{k}={r[k]}" for k in keys if k in r) for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    console = Console(stderr=True)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    results = asyncio.run(run(args, argv, console))
+    for path in report.write_all(results, args.out):
+        console.log(f"wrote {path}")
+    for line in report.verdicts(results):
+        console.print(line)
+    failures = report.integrity_failures(results)
+    for line in failures:
+        console.print(f"[red]integrity failure[/] {line}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""agentcast peer: the bundled server (``agentcast.server.serve``) with a bench message handler.
+
+Config is agentcast's default (``Config()``): the benchmark keeps every burst at or below
+``send_queue_size`` events per connection, so no knob needs changing. Clients use the documented
+``agentcast.ndjson`` subprotocol (batching) and ``bearer.<token>`` auth.
+
+Tuning left on the table: a larger ``batch_max_events``; running several server processes
+behind the Redis backplane.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import trio
+
+from agentcast import AgentEvent, Config, EventType, UserSession
+from agentcast.server import ServerSettings, serve
+from benchmarks.peers import BENCH_SECRET
+from benchmarks.peers._common import announce, parse_lifetime
+from benchmarks.protocol import TICK, due, event_data, pad_for, parse_burst
+
+
+async def handler(session: UserSession, connection: Any, frame: dict[str, Any]) -> None:
+    """Emit a ``bench_burst`` on this user's thread through ``send_to_thread``."""
+    thread_id, count, size, rate = parse_burst(frame)
+    pad, user = pad_for(size), session.user_id
+    start, n = time.time(), 0
+    while n < count:
+        target = due(time.time() - start, rate, count)
+        while n < target:
+            n += 1
+            ts = time.time()
+            await session.send_to_thread(
+                thread_id, AgentEvent(EventType.AGENT_THINKING, event_data(pad, n, user, ts))
+            )
+        if n < count:
+            await trio.sleep(TICK)
+
+
+async def main() -> None:
+    settings = ServerSettings(port=0, secret=BENCH_SECRET, core=Config())
+    async with trio.open_nursery() as nursery:
+        running = await nursery.start(functools.partial(serve, settings, message_handler=handler))
+        announce(running.port)
+
+
+if __name__ == "__main__":
+    parse_lifetime()
+    trio.run(main)

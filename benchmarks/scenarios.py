@@ -1,0 +1,274 @@
+"""The six scenarios of issue 4; each runs against one live peer and returns one row (a dict).
+
+Sizes come from :class:`Sizes` (``QUICK`` for the CI smoke run, ``FULL`` for the committed
+results). Every scenario uses thread names shared by all users (``t1``), so every scenario also
+counts cross-user deliveries; ``isolation`` does it with many users at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any, Final
+
+import attrs
+
+from agentcast.server import issue_token
+from benchmarks.peers import BENCH_SECRET
+from benchmarks.procs import Peer, running_loadgens
+from benchmarks.stats import Histogram, Tally, percentiles_ms
+
+#: Event size on the wire (bytes), as in the issue's planning figures.
+EVENT_SIZE: Final = 200
+THREAD: Final = "t1"
+
+
+@attrs.frozen
+class Sizes:
+    """Every size and duration of one run mode."""
+
+    idle_connections: int
+    connect_connections: int
+    isolation_users: int
+    isolation_events: int
+    #: (users, tabs, events per user) per burst size.
+    bursts: tuple[tuple[int, int, int], ...]
+    steady_users: int
+    steady_tabs: int
+    #: Offered deliveries per second (events per second x subscribed connections).
+    steady_levels: tuple[int, ...]
+    steady_seconds: float
+    #: (users, tabs, events/s per user, seconds) of the slow-consumer load.
+    slow: tuple[int, int, int, float]
+    loadgen_processes: int
+    #: Seconds idle connections are held before RSS is read.
+    idle_hold: float
+
+
+QUICK: Final = Sizes(
+    idle_connections=200, connect_connections=100, isolation_users=20, isolation_events=50,
+    bursts=((5, 4, 200),), steady_users=10, steady_tabs=2, steady_levels=(400, 2000),
+    steady_seconds=1.0, slow=(4, 2, 300, 2.0), loadgen_processes=1, idle_hold=0.5,
+)
+FULL: Final = Sizes(
+    idle_connections=3000, connect_connections=1000, isolation_users=200, isolation_events=100,
+    bursts=((10, 10, 500), (100, 10, 100)), steady_users=20, steady_tabs=5,
+    steady_levels=(500, 1000, 2500, 5000, 10000, 20000, 40000), steady_seconds=3.0,
+    slow=(10, 4, 50, 8.0), loadgen_processes=2, idle_hold=2.0,
+)
+
+Progress = Callable[[str], None]
+
+
+def users_of(tag: str, count: int) -> list[str]:
+    return [f"{tag}-u{index}" for index in range(count)]
+
+
+async def run_load(
+    peer: Peer, users: list[str], tabs: int, *, processes: int, drive: dict[str, Any] | None,
+    thread: str | None = THREAD, slow_user: str | None = None, deadline: float = 60.0,
+    quiet: float = 3.0, concurrency: int = 200, hold: float = 0.0,
+) -> dict[str, Any]:
+    """Open the connections in ``processes`` load generators, drive them, merge their reports."""
+    groups = [users[index::processes] for index in range(processes)]
+    groups = [group for group in groups if group]
+    specs = [
+        {"peer": peer.name, "port": peer.port, "users": group,
+         "tokens": {u: issue_token(BENCH_SECRET, u) for u in group} if peer.name == "agentcast"
+         else {},
+         "tabs": tabs, "thread": thread, "drive": drive, "concurrency": concurrency,
+         "slow_user": slow_user if index == 0 else None, "deadline": deadline, "quiet": quiet,
+         "lifetime": int(deadline + 300)}
+        for index, group in enumerate(groups)
+    ]
+    rss_before = peer.rss()
+    async with running_loadgens(specs) as gens:
+        ready = await asyncio.gather(*(g.receive("ready", 180) for g in gens))
+        if hold:
+            await asyncio.sleep(hold)
+        rss_connected = peer.rss()
+        peer.reset_peak()
+        cpu0 = peer.cpu()
+        started = asyncio.get_running_loop().time()
+        await asyncio.gather(*(g.send("go") for g in gens))
+        if drive is None:
+            await asyncio.gather(*(g.send("close") for g in gens))
+        slow_port = next((r["slow_port"] for r in ready if r.get("slow_port")), None)
+        collecting = asyncio.gather(*(g.receive("result", deadline + 60) for g in gens))
+        slow_closed_after = None
+        while slow_port is not None and not collecting.done():
+            # The stalled client reads nothing, so it cannot see its own close: watch the
+            # server's side of its TCP connection instead.
+            if not peer.holds_client_port(slow_port):
+                slow_closed_after = asyncio.get_running_loop().time() - started
+                break
+            await asyncio.wait([collecting], timeout=0.2)
+        results = await collecting
+        wall_end = max((r["wall"] for r in results), default=0.0)
+        if slow_closed_after is not None and slow_closed_after > wall_end:
+            slow_closed_after = None  # gone only when the load generator hung up at the end
+        server_cpu = peer.cpu() - cpu0
+        peak = peer.peak_rss()
+    tally, histogram = Tally(), Histogram()
+    for result in results:
+        if "tally" in result:
+            tally.merge(Tally(**result["tally"]))
+            histogram.merge(Histogram.from_json(result["histogram"]))
+    wall = max((r["wall"] for r in results), default=0.0)
+    opened = sum(r["opened"] for r in ready)
+    return {
+        "opened": opened, "connect_failures": sum(r["failures"] for r in ready),
+        "connect_wall": max(r["wall"] for r in ready),
+        "handshake_p99_ms": max((r["handshake_p99"] or 0) * 1000 for r in ready),
+        "rss_before": rss_before, "rss_connected": rss_connected, "peak_rss": peak,
+        "wall": wall, "server_cpu": server_cpu,
+        "loadgen_cpu": sum(r["cpu"] for r in results),
+        "tally": attrs.asdict(tally), "latency_ms": percentiles_ms(histogram),
+        "histogram": histogram.to_json(),
+        "slow": next((r["slow"] for r in results if r.get("slow")), None),
+        "slow_closed_after": slow_closed_after,
+        "closed_by_server": sum(r.get("closed_by_server", 0) for r in results),
+    }
+
+
+def _throughput(load: dict[str, Any], processes: int) -> dict[str, Any]:
+    delivered = load["tally"]["delivered"]
+    wall = max(load["wall"], 1e-9)
+    return {
+        "delivered": delivered, "events_per_s": round(delivered / wall),
+        "server_cpu_us_per_event": round(load["server_cpu"] / delivered * 1e6, 2)
+        if delivered else None,
+        "server_cpu_share": round(load["server_cpu"] / wall, 2),
+        "loadgen_cpu_share": round(load["loadgen_cpu"] / wall / processes, 2),
+        **load["latency_ms"], **load["tally"],
+    }
+
+
+async def idle(peer: Peer, sizes: Sizes, progress: Progress) -> dict[str, Any]:
+    count = sizes.idle_connections
+    progress(f"idle: {count} connections")
+    load = await run_load(
+        peer, users_of("idle", count // 10), 10, processes=sizes.loadgen_processes, drive=None,
+        hold=sizes.idle_hold, concurrency=100,
+    )
+    opened = load["opened"]
+    per_conn = (load["rss_connected"] - load["rss_before"]) / opened if opened else None
+    return {
+        "connections": opened, "connect_failures": load["connect_failures"],
+        "rss_before_mb": round(load["rss_before"] / 2**20, 1),
+        "rss_connected_mb": round(load["rss_connected"] / 2**20, 1),
+        "kb_per_connection": round(per_conn / 1024, 1) if per_conn is not None else None,
+    }
+
+
+async def connect(peer: Peer, sizes: Sizes, progress: Progress) -> dict[str, Any]:
+    count = sizes.connect_connections
+    progress(f"connect: {count} handshakes in parallel")
+    load = await run_load(
+        peer, users_of("conn", count // 10), 10, processes=sizes.loadgen_processes, drive=None,
+        thread=None, concurrency=count,
+    )
+    return {
+        "connections": load["opened"], "failures": load["connect_failures"],
+        "seconds": round(load["connect_wall"], 3),
+        "handshakes_per_s": round(load["opened"] / max(load["connect_wall"], 1e-9)),
+        "handshake_p99_ms": round(load["handshake_p99_ms"], 1),
+    }
+
+
+async def isolation(peer: Peer, sizes: Sizes, progress: Progress) -> dict[str, Any]:
+    users = sizes.isolation_users
+    progress(f"isolation: {users} users on thread {THREAD!r}")
+    drive = {"count": sizes.isolation_events, "size": EVENT_SIZE, "rate": 0}
+    load = await run_load(
+        peer, users_of("iso", users), 1, processes=sizes.loadgen_processes, drive=drive,
+    )
+    return {"users": users, **_throughput(load, sizes.loadgen_processes)}
+
+
+async def burst(peer: Peer, sizes: Sizes, progress: Progress) -> list[dict[str, Any]]:
+    rows = []
+    for users, tabs, events in sizes.bursts:
+        progress(f"burst: {users}x{tabs} connections, {events} events per user")
+        drive = {"count": events, "size": EVENT_SIZE, "rate": 0}
+        load = await run_load(
+            peer, users_of(f"burst{users * tabs}", users), tabs,
+            processes=sizes.loadgen_processes, drive=drive,
+        )
+        rows.append({"connections": users * tabs, "events_per_user": events,
+                     **_throughput(load, sizes.loadgen_processes)})
+    return rows
+
+
+def sustained(row: dict[str, Any]) -> bool:
+    """Sustained: at least 90% of the offered rate delivered, nothing lost, p99 under 0.5 s."""
+    p99 = row.get("p99")
+    return (
+        row["events_per_s"] >= 0.9 * row["offered_per_s"] and row["losses"] == 0
+        and p99 is not None and p99 < 500
+    )
+
+
+async def steady(peer: Peer, sizes: Sizes, progress: Progress) -> list[dict[str, Any]]:
+    rows = []
+    users, tabs = sizes.steady_users, sizes.steady_tabs
+    for level in sizes.steady_levels:
+        progress(f"steady: {level} deliveries/s offered")
+        rate = level / (users * tabs)
+        count = max(1, int(rate * sizes.steady_seconds))
+        drive = {"count": count, "size": EVENT_SIZE, "rate": rate}
+        load = await run_load(
+            peer, users_of(f"steady{level}", users), tabs, processes=sizes.loadgen_processes,
+            drive=drive, deadline=sizes.steady_seconds + 4, quiet=1.5,
+        )
+        row = {"offered_per_s": level, **_throughput(load, sizes.loadgen_processes)}
+        row["sustained"] = sustained(row)
+        rows.append(row)
+        if not row["sustained"]:
+            break
+    return rows
+
+
+async def slow_consumer(peer: Peer, sizes: Sizes, progress: Progress) -> dict[str, Any]:
+    users, tabs, rate, seconds = sizes.slow
+    drive = {"count": int(rate * seconds), "size": EVENT_SIZE, "rate": rate}
+    runs = {}
+    for label, slow in (("undisturbed", None), ("with_slow", "slow-u0")):
+        progress(f"slow-consumer: {label}")
+        load = await run_load(
+            peer, users_of("slow" if slow else "calm", users), tabs,
+            processes=sizes.loadgen_processes, drive=drive, slow_user=slow,
+            deadline=seconds + 3, quiet=1.5,
+        )
+        runs[label] = load
+    calm, disturbed = runs["undisturbed"], runs["with_slow"]
+    slow_info = disturbed["slow"] or {}
+    ratio = None
+    if calm["latency_ms"]["p99"] and disturbed["latency_ms"]["p99"]:
+        ratio = round(disturbed["latency_ms"]["p99"] / calm["latency_ms"]["p99"], 2)
+    return {
+        "offered_per_s": rate * users * tabs,
+        "p99_undisturbed": calm["latency_ms"]["p99"],
+        "p99_with_slow": disturbed["latency_ms"]["p99"],
+        "p99_ratio": ratio, "others_losses": disturbed["tally"]["losses"],
+        "others_duplicates": disturbed["tally"]["duplicates"],
+        "others_order_violations": disturbed["tally"]["order_violations"],
+        "cross_user": disturbed["tally"]["cross_user"],
+        "slow_closed": disturbed["slow_closed_after"] is not None
+        or bool(slow_info.get("closed")),
+        "slow_close_code": slow_info.get("close_code"),
+        "slow_closed_after_s": None if disturbed["slow_closed_after"] is None
+        else round(disturbed["slow_closed_after"], 1),
+        "peak_rss_mb": round(disturbed["peak_rss"] / 2**20, 1),
+    }
+
+
+SCENARIOS: Final = {
+    "idle": idle, "connect": connect, "isolation": isolation, "burst": burst,
+    "steady": steady, "slow-consumer": slow_consumer,
+}
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True)

@@ -1,0 +1,138 @@
+"""Pure parts of the benchmark runner: stream accounting, percentiles, report rendering.
+
+No sockets, no timing: the runner's measurements are never asserted, only its arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from benchmarks import report
+from benchmarks.protocol import due, encode_event, pad_for
+from benchmarks.stats import Histogram, StreamCheck, Tally, bucket_of, bucket_value, percentiles_ms
+
+
+def test_stream_in_order_has_no_faults() -> None:
+    check = StreamCheck()
+    for n in range(1, 11):
+        check.observe(n)
+    assert (check.received(), check.losses(10), check.duplicates, check.order_violations) == (
+        10, 0, 0, 0,
+    )
+
+
+def test_stream_counts_losses_duplicates_and_reordering() -> None:
+    check = StreamCheck()
+    for n in (1, 3, 2, 3, 5):
+        check.observe(n)
+    assert check.duplicates == 1  # the second 3
+    assert check.order_violations == 1  # 2 after 3
+    assert check.losses(6) == 2  # 4 and 6
+
+
+def test_tally_merges_streams_and_cross_user() -> None:
+    first, second = StreamCheck(), StreamCheck()
+    for n in (1, 2, 2):
+        first.observe(n)
+    second.observe(2)
+    tally = Tally(cross_user=1)
+    tally.add_stream(first, 3)
+    tally.add_stream(second, 3)
+    other = Tally(delivered=5, cross_user=2)
+    tally.merge(other)
+    assert (tally.delivered, tally.losses, tally.duplicates, tally.cross_user) == (8, 3, 1, 3)
+    assert tally.failures() == 3 + 1 + 3
+
+
+def test_bucket_bounds_are_within_one_percent() -> None:
+    for seconds in (2e-6, 1e-4, 0.0123, 1.5, 30.0):
+        upper = bucket_value(bucket_of(seconds))
+        assert seconds <= upper <= seconds * 1.0101
+
+
+def test_percentiles_of_a_known_distribution() -> None:
+    histogram = Histogram()
+    for ms in range(1, 1001):
+        histogram.record(ms / 1000)
+    values = percentiles_ms(histogram)
+    assert values["p50"] == pytest.approx(500, rel=0.011)
+    assert values["p99"] == pytest.approx(990, rel=0.011)
+    assert values["p999"] == pytest.approx(999, rel=0.011)
+
+
+def test_histograms_merge_and_round_trip_through_json() -> None:
+    first, second = Histogram(), Histogram()
+    first.record(0.001)
+    second.record(0.100)
+    second.record(0.100)
+    first.merge(Histogram.from_json(json.loads(json.dumps(second.to_json()))))
+    assert first.total == 3
+    assert first.percentile(0.5) == pytest.approx(0.1, rel=0.011)
+    assert Histogram().percentile(0.5) is None
+
+
+def test_pacing_schedule() -> None:
+    assert due(0.0, 0, 50) == 50  # unpaced: everything at once
+    assert due(0.0, 100.0, 50) == 1
+    assert due(0.25, 100.0, 50) == 26
+    assert due(10.0, 100.0, 50) == 50
+
+
+def test_event_frame_is_about_the_requested_size() -> None:
+    frame = encode_event("t1", pad_for(200), 12, "burst100-u7", 1795387537.707)
+    assert 180 <= len(frame) <= 220
+    assert json.loads(frame)["data"]["n"] == 12
+
+
+def _results() -> dict[str, object]:
+    burst = {"connections": 100, "events_per_s": 1000, "server_cpu_us_per_event": 2.0,
+             "p50": 1.0, "p99": 3.0, "losses": 0, "duplicates": 0, "order_violations": 0,
+             "cross_user": 0, "loadgen_cpu_share": 0.5}
+    steady = [{"offered_per_s": 1000, "events_per_s": 1000, "p50": 1.0, "p99": 2.0,
+               "p999": 3.0, "losses": 0, "sustained": True}]
+    slow = {"offered_per_s": 100, "p99_undisturbed": 2.0, "p99_with_slow": 2.2,
+            "p99_ratio": 1.1, "others_losses": 0, "others_duplicates": 0,
+            "others_order_violations": 0, "cross_user": 0, "slow_closed": True,
+            "slow_close_code": 4008, "slow_closed_after_s": 3.0, "peak_rss_mb": 50.0}
+    return {
+        "meta": {"command": "python -m benchmarks --quick", "machine": "test", "date": "today",
+                 "versions": {"agentcast": "0.1.0"}},
+        "peers": {
+            "agentcast": {"burst": [burst], "steady": steady, "slow-consumer": slow,
+                          "idle": {"connections": 10, "kb_per_connection": 12.5,
+                                   "rss_connected_mb": 40.0, "connect_failures": 0}},
+            "websockets": {"burst": [{**burst, "server_cpu_us_per_event": 6.0}],
+                           "steady": [{**steady[0], "p99": 4.0}]},
+        },
+    }
+
+
+def test_markdown_has_a_row_per_peer_and_verdicts() -> None:
+    text = report.markdown(_results())
+    assert "| agentcast | 100 | 1000 | 2 |" in text
+    assert "| websockets | 100 | 1000 | 6 |" in text
+    assert "| agentcast | 2 (100) | 1000 | 1000 | 12.5 |" in report.headline_table(_results())
+    verdicts = report.verdicts(_results())
+    assert verdicts[0].startswith("burst 100 conns: MET")
+    assert any(line.startswith("idle: MET") for line in verdicts)
+    assert any(line.startswith("slow-consumer: MET") for line in verdicts)
+    # Same saturation for both: the 2x saturation target is missed.
+    assert any(line.startswith("steady: MISSED") for line in verdicts)
+
+
+def test_integrity_failures_are_reported_per_peer() -> None:
+    results = _results()
+    assert report.integrity_failures(results) == []
+    results["peers"]["websockets"]["burst"][0]["duplicates"] = 2  # type: ignore[index]
+    assert report.integrity_failures(results) == ["websockets: duplicates=2"]
+
+
+def test_write_all_produces_every_file(tmp_path: Path) -> None:
+    written = report.write_all(_results(), tmp_path)
+    assert {path.name for path in written} == {
+        "results.json", "results.md", "latency_vs_load.png", "cpu_per_event.png",
+        "memory_per_connection.png",
+    }
+    assert all(path.stat().st_size > 0 for path in written)
