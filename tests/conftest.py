@@ -11,8 +11,9 @@ import agentcast
 from agentcast import Config, ConnectionManager
 
 from .helpers import SCHEMA_VALIDATOR
+from .redis_server import persistent_redis, redis_server
 
-__all__ = ["SCHEMA_VALIDATOR"]
+__all__ = ["SCHEMA_VALIDATOR", "persistent_redis", "redis_server"]
 
 
 @pytest.fixture
