@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import attrs
 import trio
-from coredis.patterns.pubsub import PubSub
 
 from ._broker import BrokerStats, EventSink
 from ._config import Config
@@ -27,7 +26,10 @@ from ._errors import BrokerUnavailable
 from ._events import AgentEvent
 from ._history import Recovery
 from ._redis_keys import ALL_CHANNEL, parse_user_message, user_channel
-from ._redis_streams import CONNECT_TIMEOUT, REDIS_DOWN, StreamOps, first_leaf, redis_client
+from ._redis_streams import CONNECT_TIMEOUT, StreamOps, first_leaf, redis_client, redis_down
+
+if TYPE_CHECKING:
+    from coredis.patterns.pubsub import PubSub
 
 __all__ = ["RedisBroker"]
 
@@ -39,7 +41,6 @@ RECONNECT_MIN: Final = 0.1
 RECONNECT_MAX: Final = 5.0
 #: Reason given to clients when the backplane connection is lost.
 RESTART_REASON: Final = "backplane reconnecting; resume with since_seq"
-_REDIS_DOWN = REDIS_DOWN
 
 
 @attrs.define(eq=False)
@@ -75,7 +76,7 @@ class RedisBroker:
         while True:
             try:
                 await self._connected_session(None if self._announced else task_status)
-            except* _REDIS_DOWN as group:
+            except* redis_down() as group:
                 # After a lost connection the first retry is quick; each failure doubles it.
                 delay = RECONNECT_MIN if self.ready else min(delay * 2, RECONNECT_MAX)
                 self._went_down(first_leaf(group))
@@ -174,7 +175,7 @@ class RedisBroker:
         if self._held[user_id] == 1 and pubsub is not None:
             try:
                 await pubsub.subscribe(user_channel(user_id))
-            except* _REDIS_DOWN:
+            except* redis_down():
                 pass  # the broker task sees the loss too and re-subscribes held users
 
     async def detach_user(self, user_id: str) -> None:
@@ -187,7 +188,7 @@ class RedisBroker:
         if pubsub is not None:
             try:
                 await pubsub.unsubscribe(user_channel(user_id))
-            except* _REDIS_DOWN:
+            except* redis_down():
                 pass  # a lost connection drops every subscription anyway
 
     def held_users(self) -> set[str]:

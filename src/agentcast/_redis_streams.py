@@ -8,15 +8,14 @@ and anyio wrap it in.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 import attrs
-import coredis
-import coredis.exceptions
 
 from ._config import Config
 from ._errors import BrokerUnavailable
@@ -34,20 +33,35 @@ from ._redis_keys import (
     user_message,
 )
 
-__all__ = ["REDIS_DOWN", "StreamOps", "first_leaf", "redis_client", "redis_errors"]
+if TYPE_CHECKING:
+    import coredis
+
+__all__ = ["StreamOps", "first_leaf", "redis_client", "redis_down", "redis_errors"]
 
 #: Seconds one connection attempt to Redis may take.
 CONNECT_TIMEOUT: Final = 2.0
-#: What a lost or refused Redis connection raises (coredis lets anyio's closed-stream errors
-#: escape when a connection drops under a pending pub/sub command).
-REDIS_DOWN: Final = (
-    coredis.exceptions.ConnectionError, TimeoutError, OSError,
-    anyio.ClosedResourceError, anyio.BrokenResourceError,
-)
+
+
+# coredis is imported on first use, not with agentcast: it takes most of a second to import
+# and single-process users never need it.
+
+
+@functools.cache
+def redis_down() -> tuple[type[BaseException], ...]:
+    """What a lost or refused Redis connection raises (coredis lets anyio's closed-stream
+    errors escape when a connection drops under a pending pub/sub command)."""
+    import coredis.exceptions  # noqa: PLC0415 - deferred: slow to import
+
+    return (
+        coredis.exceptions.ConnectionError, TimeoutError, OSError,
+        anyio.ClosedResourceError, anyio.BrokenResourceError,
+    )
 
 
 def redis_client(url: str) -> coredis.Redis[str]:
     """A coredis client for ``url`` (``redis://HOST:PORT/DB``) decoding replies to str."""
+    import coredis  # noqa: PLC0415 - deferred: slow to import
+
     return coredis.Redis.from_url(url, decode_responses=True, connect_timeout=CONNECT_TIMEOUT)
 
 
@@ -63,7 +77,7 @@ def redis_errors(what: str) -> Iterator[None]:
     """Turn a lost Redis connection (possibly inside exception groups) into BrokerUnavailable."""
     try:
         yield
-    except* REDIS_DOWN as group:
+    except* redis_down() as group:
         raise BrokerUnavailable(f"{what} failed: {first_leaf(group)}") from None
 
 

@@ -11,17 +11,19 @@ from __future__ import annotations
 import types
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, final
+from typing import TYPE_CHECKING, Any, final
 
 import anyio
 import attrs
-import coredis
 
 from ._config import Config
 from ._errors import InvalidEvent, RunEnded
 from ._events import TERMINAL_TYPES, AgentEvent, EventType
 from ._ids import check_id, new_id
 from ._redis_streams import CONNECT_TIMEOUT, StreamOps, redis_client, redis_errors
+
+if TYPE_CHECKING:
+    import coredis
 
 __all__ = ["PublisherRun", "RedisPublisher"]
 
