@@ -134,3 +134,30 @@ def test_workers_without_redis_are_refused() -> None:
     )
     assert result.returncode == 2
     assert "--workers needs --redis-url" in result.stderr
+
+
+async def test_server_starts_not_ready_without_redis_and_says_why() -> None:
+    from agentcast.server import ServerSettings, serve
+
+    from .redis_server import free_port
+
+    settings = ServerSettings(port=0, secret=SECRET,
+                              redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    stop = trio.Event()
+    with trio.fail_after(STEP):
+        async with trio.open_nursery() as nursery:
+            running = await nursery.start(
+                lambda task_status: serve(settings, stop=stop, task_status=task_status)
+            )
+            stream = await trio.open_tcp_stream("127.0.0.1", running.port)
+            async with stream:
+                await stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                response = b""
+                while chunk := await stream.receive_some(4096):
+                    response += chunk
+            head, _, body = response.partition(b"\r\n\r\n")
+            assert head.split()[1] == b"503"
+            health = json.loads(body)
+            assert health["ready"] is False
+            assert "redis unavailable" in health["reason"]
+            stop.set()
