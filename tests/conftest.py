@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator
 import pytest
 from hypothesis import settings
 
-
 import agentcast
 from agentcast import Config, ConnectionManager
 
 from .helpers import SCHEMA_VALIDATOR
+from .redis_server import persistent_redis, redis_server
 
-__all__ = ["SCHEMA_VALIDATOR"]
+__all__ = ["SCHEMA_VALIDATOR", "persistent_redis", "redis_server"]
 
 # Properties are checked by their examples, not their speed: a loaded CI machine must not turn
 # a slow example into a failure (timing is measured in benchmarks/, never asserted here).

@@ -15,6 +15,8 @@ import pytest
 import trio
 from trio_websocket import open_websocket
 
+from .redis_server import RedisServer
+
 ROOT = Path(__file__).resolve().parent.parent
 HANDSHAKE = (
     b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -80,3 +82,24 @@ def test_examples_are_importable_without_side_effects() -> None:
     before = set(sys.modules)
     load_example("embed_server")
     assert "agentcast" in sys.modules or "agentcast" in before
+
+
+def test_publish_from_asyncio_reaches_the_stream(
+    redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import asyncio
+
+    import coredis
+
+    asyncio.run(load_example("publish_from_asyncio").main(redis_server.url))
+    assert capsys.readouterr().out.startswith("published run run-")
+
+    async def read_back() -> list[str]:
+        async with coredis.Redis.from_url(redis_server.url, decode_responses=True) as client:
+            entries = await client.xrange("agentcast:{alice}:t:thread-1:events")
+        return [json.loads(entry.field_values["f"])["type"] for entry in entries]
+
+    types = trio.run(read_back)
+    assert types[0] == "agent_started"
+    assert types[-1] == "agent_completed"
+    assert types.count("agent_text") == 4

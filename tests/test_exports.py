@@ -30,7 +30,7 @@ REEXPORTS = reexports()
 CONTRACT = [
     "UserContext", "InvalidUserContext", "open_manager", "get_websocket_manager",
     "get_websocket_manager_async", "ManagerNotRunning", "AgentEvent", "EventType", "Config",
-    "ConnectionManager", "UserSession",
+    "ConnectionManager", "UserSession", "RedisBroker", "RedisPublisher",
 ]
 
 

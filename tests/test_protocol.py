@@ -58,6 +58,7 @@ def test_close_codes_are_the_documented_values() -> None:
         "POLICY_VIOLATION": 1008,
         "MESSAGE_TOO_BIG": 1009,
         "INTERNAL_ERROR": 1011,
+        "SERVICE_RESTART": 1012,
         "SLOW_CONSUMER": 4008,
         "CONNECTION_LIMIT": 4009,
         "RATE_LIMITED": 4029,

@@ -11,6 +11,7 @@ from ._config import Config as Config
 from ._connection import Connection as Connection
 from ._context import UserContext as UserContext
 from ._errors import AgentcastError as AgentcastError
+from ._errors import BrokerUnavailable as BrokerUnavailable
 from ._errors import ClientError as ClientError
 from ._errors import InvalidEvent as InvalidEvent
 from ._errors import InvalidIdentifier as InvalidIdentifier
@@ -28,6 +29,7 @@ from ._manager import get_websocket_manager_async as get_websocket_manager_async
 from ._manager import open_manager as open_manager
 from ._protocol import BATCH_SUBPROTOCOL as BATCH_SUBPROTOCOL
 from ._protocol import CloseCode as CloseCode
+from ._redis_broker import RedisBroker as RedisBroker
 from ._run import Run as Run
 from ._session import AgentFunction as AgentFunction
 from ._session import MessageHandler as MessageHandler
@@ -35,5 +37,7 @@ from ._session import UserSession as UserSession
 from ._stats import ManagerStats as ManagerStats
 from ._stats import SessionStats as SessionStats
 from ._transport import Transport as Transport
+from .publisher import PublisherRun as PublisherRun
+from .publisher import RedisPublisher as RedisPublisher
 
 __version__ = "0.1.0"

@@ -34,6 +34,10 @@ class EventSink(Protocol):
     def holds_user(self, user_id: str) -> bool:
         """True while this node has a live session for ``user_id`` (its streams stay put)."""
 
+    def reset_connections(self, reason: str) -> None:
+        """The broker lost events it cannot replay live (its backend went away): close every
+        connection on this node with 1012 so clients resume with ``since_seq``."""
+
 
 @attrs.frozen
 class BrokerStats:
@@ -45,6 +49,8 @@ class BrokerStats:
     retained_events: int
     #: Whether the broker can accept publishes.
     ready: bool
+    #: Why it is not ready (e.g. "redis unavailable at ..."); empty when ready.
+    reason: str = ""
 
 
 class Broker(Protocol):
@@ -67,6 +73,13 @@ class Broker(Protocol):
         self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None
     ) -> Recovery:
         """The (user, thread) events after ``since_seq``; see ``ThreadHistory.recover``."""
+
+    async def attach_user(self, user_id: str) -> None:
+        """A session for ``user_id`` opened on this node: from when this returns, every event
+        of the user published anywhere is delivered here (called before any replay)."""
+
+    async def detach_user(self, user_id: str) -> None:
+        """A session for ``user_id`` on this node has closed (one call per ``attach_user``)."""
 
     def statistics(self) -> BrokerStats:
         """A snapshot of what the broker holds."""
@@ -152,6 +165,14 @@ class InMemoryBroker:
         """Answer from the retained history; a stream never seen starts at seq 0."""
         now = trio.current_time()
         return self._stream(user_id, thread_id, now).recover(since_seq, epoch, now)
+
+    async def attach_user(self, user_id: str) -> None:
+        """Nothing to do: every publish on this node is delivered here."""
+        await trio.lowlevel.checkpoint()
+
+    async def detach_user(self, user_id: str) -> None:
+        """Nothing to do (idle streams are swept by ``serve``)."""
+        await trio.lowlevel.checkpoint()
 
     def statistics(self) -> BrokerStats:
         """Streams and retained events held in memory."""

@@ -18,7 +18,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from ._config import Config
-from ._errors import ClientError, InvalidEvent, InvalidIdentifier
+from ._errors import BrokerUnavailable, ClientError, InvalidEvent, InvalidIdentifier
 from ._history import Recovery
 from ._latency import DeliveryLatency
 from ._protocol import (
@@ -486,7 +486,12 @@ class Connection:
             return
         if not self._is_pending(thread_id):
             self._hold(thread_id)
-        recovery = await self._owner.recover(thread_id, request.since_seq, request.epoch)
+        try:
+            recovery = await self._owner.recover(thread_id, request.since_seq, request.epoch)
+        except BrokerUnavailable as exc:
+            # Scale-out mode with Redis down: nothing to replay from; the client retries.
+            self.close(CloseCode.SERVICE_RESTART, str(exc))
+            return
         held = self._held.pop(thread_id, [])
         if self._subs.get(thread_id, -1) is not None:
             return  # unsubscribed (or re-subscribed) while the replay was fetched

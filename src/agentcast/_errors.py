@@ -61,3 +61,7 @@ class ClientError(AgentcastError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+class BrokerUnavailable(AgentcastError, RuntimeError):
+    """The broker's backend (Redis) is not reachable; the call can be retried once it is."""

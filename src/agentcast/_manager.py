@@ -135,6 +135,13 @@ class ConnectionManager:
         """Broker callback: whether ``user_id`` has a live session here."""
         return user_id in self._sessions
 
+    def reset_connections(self, reason: str) -> None:
+        """Broker callback: close every connection with 1012 (service restart) so each client
+        resumes with ``since_seq``; sessions and runs go on."""
+        for session in tuple(self._sessions.values()):
+            for connection in session.connections():
+                connection.close(CloseCode.SERVICE_RESTART, reason)
+
     # ---- lifetime ---------------------------------------------------------------------------
 
     def _forget(self, session: UserSession) -> None:

@@ -54,6 +54,9 @@ class CloseCode(enum.IntEnum):
     MESSAGE_TOO_BIG = 1009
     #: A fault inside this user's session; the user's other sessions are unaffected.
     INTERNAL_ERROR = 1011
+    #: The server lost its Redis backplane (scale-out mode) and may have missed live events;
+    #: reconnect (with backoff) and resume with ``since_seq``.
+    SERVICE_RESTART = 1012
     #: The client did not keep up (queue full or a write past ``Config.write_timeout``);
     #: reconnect and resume with ``since_seq``.
     SLOW_CONSUMER = 4008

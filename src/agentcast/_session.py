@@ -331,7 +331,11 @@ class UserSession:
     # ---- ConnectionOwner --------------------------------------------------------------------
 
     async def recover(self, thread_id: str, since_seq: int | None, epoch: str | None) -> Recovery:
-        """What this user missed on a thread (used by connections on subscribe)."""
+        """What this user missed on a thread (used by connections on subscribe).
+
+        Raises:
+            BrokerUnavailable: the broker's backend is down; the connection closes with 1012.
+        """
         return await self._broker.recover(self.user_id, thread_id, since_seq, epoch)
 
     def index_subscribe(self, thread_id: str, connection: Connection) -> None:
@@ -399,7 +403,12 @@ class UserSession:
 
     async def supervise(self) -> None:
         """The session's task: own the nursery, linger when idle, contain crashes."""
+        attached = False
         try:
+            # Attached before any connection can subscribe, so a replay computed afterwards
+            # has no gap before the live events (a Redis broker subscribes here).
+            await self._broker.attach_user(self.user_id)
+            attached = True
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 for fn, name in self._pending:
@@ -425,6 +434,10 @@ class UserSession:
                         closers.start_soon(connection.finish, code, reason)
             self._nursery = None
             self._manager._forget(self)
+            if attached:
+                with trio.CancelScope(shield=True) as scope:
+                    scope.deadline = trio.current_time() + self.config.close_timeout
+                    await self._broker.detach_user(self.user_id)
             self._finished.set()
 
     async def shutdown(self, code: int, reason: str) -> None:

@@ -88,9 +88,12 @@ class Server:
             return
         path = head.path
         if path == "/health":
-            ready = not self.draining and self.manager.broker.statistics().ready
+            broker = self.manager.broker.statistics()
+            ready = not self.draining and broker.ready
             body = {"status": "ok" if ready else ("draining" if self.draining else "not_ready"),
                     "ready": ready, "draining": self.draining}
+            if broker.reason:
+                body["reason"] = broker.reason
             await send_response(stream, 200 if ready else 503, _json(body))
         elif path == "/stats":
             stats = attrs.asdict(self.manager.get_stats())

@@ -16,6 +16,7 @@ from .._config import Config
 from ._auth import DEFAULT_TTL, check_secret, issue_token
 from ._serve import DEMO_USER, RunningServer, serve
 from ._settings import DEFAULT_HOST, DEFAULT_PORT, MAX_CONNECTIONS_PER_USER, ServerSettings
+from ._workers import run_workers
 
 __all__ = ["main"]
 
@@ -48,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
                      default=int(_env("MAX_CONNECTIONS_PER_USER", "") or MAX_CONNECTIONS_PER_USER))
     run.add_argument("--max-message-bytes", type=int,
                      default=int(_env("MAX_MESSAGE_BYTES", "") or Config().max_message_bytes))
+    run.add_argument("--redis-url", default=_env("REDIS_URL"),
+                     help="redis://HOST:PORT/DB: join the Redis backplane (AGENTCAST_REDIS_URL)")
+    run.add_argument("--workers", type=int, default=int(_env("WORKERS", "1") or 1),
+                     help="server processes sharing the port; needs --redis-url "
+                          "(AGENTCAST_WORKERS)")
     run.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
 
     token = commands.add_parser("token", help="print a signed token that serve accepts")
@@ -78,6 +84,7 @@ async def _run(settings: ServerSettings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``agentcast`` command; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     if args.command == "token":
         if not args.secret:
@@ -96,7 +103,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             allowed_origins=tuple(args.allowed_origins), demo=args.demo,
             demo_speed=args.demo_speed, max_connections_per_user=args.max_connections_per_user,
             core=attrs.evolve(Config(), max_message_bytes=args.max_message_bytes),
+            redis_url=args.redis_url or None, reuse_port=_env_flag("REUSE_PORT"),
         )
+        if args.workers < 1:
+            raise ValueError(f"--workers must be at least 1, got {args.workers}")
+        if args.workers > 1 and settings.redis_url is None:
+            raise ValueError(
+                "--workers needs --redis-url (or AGENTCAST_REDIS_URL): worker processes share "
+                "users only through the Redis backplane"
+            )
+        if args.workers > 1 and settings.secret is None:
+            raise ValueError("--workers needs --secret: every worker must accept the same tokens")
         if settings.secret is None and not settings.demo:
             raise ValueError(
                 "refusing to start without a token secret: pass --secret (or AGENTCAST_SECRET), "
@@ -107,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"agentcast serve: {exc}", file=sys.stderr)
         return 2
+    if args.workers > 1:
+        return run_workers(argv, args.workers, settings.host, settings.port)
     trio.run(_run, settings)
     return 0
 

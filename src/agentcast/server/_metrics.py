@@ -60,6 +60,12 @@ class MeteredBroker:
     ) -> Recovery:
         return await self.inner.recover(user_id, thread_id, since_seq, epoch)
 
+    async def attach_user(self, user_id: str) -> None:
+        await self.inner.attach_user(user_id)
+
+    async def detach_user(self, user_id: str) -> None:
+        await self.inner.detach_user(user_id)
+
     def statistics(self) -> BrokerStats:
         return self.inner.statistics()
 

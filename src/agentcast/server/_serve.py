@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import functools
 import secrets
+import socket
 from importlib import resources
 from typing import Any, Final
 
 import attrs
 import trio
 
-from .._broker import InMemoryBroker
+from .._broker import Broker, InMemoryBroker
 from .._errors import ClientError
 from .._manager import open_manager
+from .._redis_broker import RedisBroker
 from .._session import MessageHandler, UserSession
 from ..demo import simulated_agent
 from ._app import Server
@@ -92,11 +94,15 @@ async def serve(
         handler = demo_message_handler(settings.demo_speed)
     async with trio.open_nursery() as handlers:
         metrics = Metrics()
-        broker = metrics.wrap(InMemoryBroker(settings.core))
+        inner: Broker = (
+            InMemoryBroker(settings.core) if settings.redis_url is None
+            else RedisBroker(settings.redis_url, settings.core)
+        )
+        broker = metrics.wrap(inner)
         async with open_manager(
             settings.core, broker=broker, message_handler=handler
         ) as manager:
-            listeners = await trio.open_tcp_listeners(settings.port, host=settings.host)
+            listeners = await _listeners(settings)
             port = listeners[0].socket.getsockname()[1]
             origins = frozenset({f"http://{settings.host}:{port}", f"http://localhost:{port}"})
             server = Server(settings, manager, secret, own_origins=origins, metrics=metrics)
@@ -117,6 +123,24 @@ async def serve(
                     accepting.cancel()  # stop accepting; open connections go on
         # The manager has closed every connection with 1001; cut what is left (half-read heads).
         handlers.cancel_scope.cancel()
+
+
+async def _listeners(settings: ServerSettings) -> list[trio.SocketListener]:
+    """TCP listeners for the settings; with ``reuse_port`` one SO_REUSEPORT socket, so the
+    kernel spreads new connections over every worker bound to the same port."""
+    if not settings.reuse_port:
+        return await trio.open_tcp_listeners(settings.port, host=settings.host)
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        await sock.bind((settings.host, settings.port))
+        sock.listen(socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    return [trio.SocketListener(sock)]
 
 
 def _demo_page(token: str) -> bytes:

@@ -49,6 +49,10 @@ class ServerSettings:
     handshake_timeout: float = attrs.field(default=HANDSHAKE_TIMEOUT, validator=positive)
     ping_interval: float = attrs.field(default=PING_INTERVAL, validator=positive)
     ping_timeout: float = attrs.field(default=PING_TIMEOUT, validator=positive)
+    #: ``redis://HOST:PORT/DB`` of the Redis backplane; None runs a single in-memory node.
+    redis_url: str | None = None
+    #: Bind with SO_REUSEPORT so several worker processes share the port (``--workers``).
+    reuse_port: bool = False
     #: The core settings (queues, timeouts, history, inbound limits).
     core: Config = attrs.Factory(Config)
 

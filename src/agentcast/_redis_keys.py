@@ -1,0 +1,136 @@
+"""Redis key layout, the two Lua scripts, and the pub/sub message format of the backplane.
+
+Rules of this module: pure, no I/O, no trio. Every key of one user carries the hash tag
+``{user_id}``, so all of a user's keys (and the channel name) hash to one cluster slot and a
+script may touch them together. Ids are restricted to ``[A-Za-z0-9_.:@+-]`` (see ``_ids``),
+so they never contain braces or spaces and can be joined into keys and messages unescaped.
+
+Layout, for user ``u`` and thread ``t``:
+
+- ``agentcast:{u}:t:<t>:meta``   hash ``epoch`` (text), ``seq`` (last seq assigned)
+- ``agentcast:{u}:t:<t>:events`` stream; entry id ``<seq>-0``, field ``f`` = encoded frame
+- ``agentcast:{u}:live``          pub/sub channel of the user (thread and user events)
+- ``agentcast:all``              pub/sub channel every node subscribes to (broadcasts)
+
+Channel messages: ``t <thread_id> <seq> <frame>`` for a thread event, ``u <frame>`` for a
+live-only user event; on ``agentcast:all`` the message is the frame itself.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from ._events import AgentEvent, encode_envelope
+
+__all__ = [
+    "ALL_CHANNEL",
+    "PUBLISH_SCRIPT",
+    "RECOVER_SCRIPT",
+    "meta_key",
+    "parse_user_message",
+    "split_envelope",
+    "stream_key",
+    "thread_message",
+    "user_channel",
+    "user_message",
+]
+
+#: The channel every node subscribes to, for ``publish_all`` broadcasts.
+ALL_CHANNEL: Final = "agentcast:all"
+#: How much longer than the events a stream's epoch and seq counter live, in seconds: a
+#: subscriber idle for longer than ``history_ttl`` must not see its stream restart at seq 1.
+META_GRACE: Final = 86400
+
+#: KEYS: meta, events. ARGV: prefix, suffix, maxlen, ttl seconds, candidate epoch, channel,
+#: thread id, meta ttl seconds. Creates the epoch if missing, assigns the next seq, builds the
+#: frame (prefix .. seq .. suffix), appends it (trimmed to about maxlen), refreshes the TTLs
+#: and publishes it on the user's channel, atomically. Returns the seq.
+PUBLISH_SCRIPT: Final = """
+if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[5]) == 1 then
+  redis.call('HSET', KEYS[1], 'seq', 0)
+end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local frame = ARGV[1] .. seq .. ARGV[2]
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'f', frame)
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[8])
+redis.call('PUBLISH', ARGV[6], 't ' .. ARGV[7] .. ' ' .. seq .. ' ' .. frame)
+return seq
+"""
+
+#: KEYS: meta, events. ARGV: candidate epoch, since seq (or -1 for live only), max count,
+#: meta ttl seconds. Returns {epoch, latest seq, frames after since (oldest first) or nothing
+#: when since is -1 / out of range}. Creating the epoch here too means the epoch a subscriber
+#: is told stays the epoch of the events that follow.
+RECOVER_SCRIPT: Final = """
+if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'seq', 0)
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local latest = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+local since = tonumber(ARGV[2])
+local frames = {}
+if since >= 0 and since < latest and latest - since <= tonumber(ARGV[3]) then
+  local entries = redis.call('XRANGE', KEYS[2], (since + 1) .. '-0', '+', 'COUNT', latest - since)
+  for i, entry in ipairs(entries) do
+    frames[i] = entry[2][2]
+  end
+end
+return {epoch, latest, frames}
+"""
+
+
+def meta_key(user_id: str, thread_id: str) -> str:
+    """The hash holding the stream's epoch and last seq."""
+    return f"agentcast:{{{user_id}}}:t:{thread_id}:meta"
+
+
+def stream_key(user_id: str, thread_id: str) -> str:
+    """The Redis Stream holding the thread's retained frames."""
+    return f"agentcast:{{{user_id}}}:t:{thread_id}:events"
+
+
+def user_channel(user_id: str) -> str:
+    """The pub/sub channel of one user; a node subscribes while it holds the user."""
+    return f"agentcast:{{{user_id}}}:live"
+
+
+def split_envelope(event: AgentEvent, thread_id: str | None, ts: float) -> tuple[str, str]:
+    """The envelope as (prefix, suffix) around its seq, so Redis can put the seq in between.
+
+    Encoding is string assembly and the envelope's ``"seq":`` comes before ``data``, so the
+    first occurrence is the envelope's own.
+    """
+    frame = encode_envelope(event, thread_id=thread_id, seq=None, ts=ts)
+    prefix, marker, suffix = frame.partition('"seq":null')
+    assert marker, "encode_envelope always writes a seq field"
+    return prefix + '"seq":', suffix
+
+
+def thread_message(thread_id: str, seq: int, frame: str) -> str:
+    """The channel message of a thread event (the script builds the same form)."""
+    return f"t {thread_id} {seq} {frame}"
+
+
+def user_message(frame: str) -> str:
+    """The channel message of a live-only event for one user."""
+    return f"u {frame}"
+
+
+def parse_user_message(message: str) -> tuple[str | None, int | None, str]:
+    """Parse a user-channel message into (thread_id, seq, frame); thread and seq are None for
+    a live-only user event.
+
+    Raises:
+        ValueError: the message is not in either form.
+    """
+    kind, _, rest = message.partition(" ")
+    if kind == "u":
+        return None, None, rest
+    if kind == "t":
+        thread_id, _, rest = rest.partition(" ")
+        seq, _, frame = rest.partition(" ")
+        if thread_id and frame:
+            return thread_id, int(seq), frame
+    raise ValueError(f"not an agentcast channel message: {message[:60]!r}")

@@ -1,0 +1,249 @@
+"""RedisPublisher: publish agent events onto the Redis backplane from any process.
+
+For agent workers that are not WebSocket servers (a job-queue worker, another service). It
+speaks the same key layout and script as :class:`agentcast.RedisBroker`, so every node
+holding the user delivers the events, in order, once. Written against anyio, not trio: it
+runs under ``trio.run`` and under ``asyncio.run`` alike.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, final
+
+import anyio
+import attrs
+
+from ._config import Config
+from ._errors import InvalidEvent, RunEnded
+from ._events import TERMINAL_TYPES, AgentEvent, EventType
+from ._ids import check_id, new_id
+from ._redis_streams import CONNECT_TIMEOUT, StreamOps, redis_client, redis_errors
+
+if TYPE_CHECKING:
+    import coredis
+
+__all__ = ["PublisherRun", "RedisPublisher"]
+
+
+@final
+@attrs.define(eq=False, repr=False)
+class PublisherRun:
+    """A run published through a :class:`RedisPublisher`; made by ``RedisPublisher.run``.
+
+    Set :attr:`result` to what ``agent_completed`` should carry.
+    """
+
+    run_id: str
+    user_id: str
+    thread_id: str
+    agent_name: str
+    _publisher: RedisPublisher
+    #: What ``agent_completed`` carries in ``data.result``; must be JSON-serialisable.
+    result: Any = None
+    _ended: bool = False
+    _scope: anyio.CancelScope = attrs.Factory(anyio.CancelScope)
+    _cancel_reason: str | None = None
+
+    def __repr__(self) -> str:
+        state = "ended" if self._ended else "active"
+        return f"<PublisherRun {self.run_id} thread={self.thread_id!r} {state}>"
+
+    @property
+    def ended(self) -> bool:
+        """True once the terminal event has been published."""
+        return self._ended
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Cancel the run's body; the scope then publishes ``agent_cancelled``."""
+        if self._cancel_reason is None:
+            self._cancel_reason = reason
+        self._scope.cancel()
+
+    async def emit(self, event_type: EventType | str, data: Mapping[str, Any]) -> int:
+        """Publish a non-terminal event of this run; return its seq.
+
+        Raises:
+            InvalidEvent: ``agent_started`` or a terminal type (the scope sends those).
+            RunEnded: the run has ended.
+        """
+        if event_type == EventType.AGENT_STARTED or event_type in TERMINAL_TYPES:
+            raise InvalidEvent(f"{event_type} is emitted by the run scope itself")
+        return await self._emit(AgentEvent(event_type, data, self.run_id))
+
+    async def _emit(self, event: AgentEvent) -> int:
+        if self._ended:
+            raise RunEnded(f"run {self.run_id} has ended; it cannot emit {event.type}")
+        return await self._publisher.send_to_thread(self.user_id, self.thread_id, event)
+
+    async def thinking(self, text: str) -> int:
+        """Publish ``agent_thinking``."""
+        return await self.emit(EventType.AGENT_THINKING, {"text": text})
+
+    async def text(self, delta: str) -> int:
+        """Publish ``agent_text`` (a piece of the streamed answer)."""
+        return await self.emit(EventType.AGENT_TEXT, {"text": delta})
+
+    async def tool_executing(self, tool_name: str, arguments: Mapping[str, Any]) -> int:
+        """Publish ``tool_executing``."""
+        return await self.emit(
+            EventType.TOOL_EXECUTING, {"tool_name": tool_name, "arguments": dict(arguments)}
+        )
+
+    async def tool_completed(
+        self, tool_name: str, result: Any, *, duration_ms: float = 0.0, ok: bool = True
+    ) -> int:
+        """Publish ``tool_completed``."""
+        return await self.emit(
+            EventType.TOOL_COMPLETED,
+            {"tool_name": tool_name, "result": result, "duration_ms": duration_ms, "ok": ok},
+        )
+
+
+@final
+@attrs.define(eq=False, repr=False)
+class RedisPublisher:
+    """Publishes onto the backplane; use as ``async with RedisPublisher(url) as pub:``.
+
+    Args:
+        url: ``redis://HOST:PORT/DB``, the same Redis the nodes use.
+        config: history size and TTL; use the same values as the nodes.
+
+    Raises:
+        BrokerUnavailable: (from any method) Redis is unreachable.
+    """
+
+    url: str
+    config: Config = attrs.Factory(Config)
+    _client: coredis.Redis[str] | None = None
+    _ops: StreamOps | None = None
+
+    def __repr__(self) -> str:
+        state = "open" if self._ops is not None else "closed"
+        return f"<RedisPublisher {self.url!r} {state}>"
+
+    async def __aenter__(self) -> RedisPublisher:
+        client = redis_client(self.url)
+        with redis_errors("connecting to Redis"):
+            await client.__aenter__()
+            try:
+                with anyio.fail_after(CONNECT_TIMEOUT):
+                    await client.ping()
+            except BaseException:
+                await client.__aexit__(None, None, None)
+                raise
+        self._client, self._ops = client, StreamOps(client, self.config)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        client, self._client, self._ops = self._client, None, None
+        if client is not None:
+            await client.__aexit__(exc_type, exc, tb)
+
+    def _require(self) -> StreamOps:
+        if self._ops is None:
+            raise RuntimeError("use the publisher inside `async with RedisPublisher(url) as pub:`")
+        return self._ops
+
+    async def send_to_thread(self, user_id: str, thread_id: str, event: AgentEvent) -> int:
+        """Publish ``event`` on the user's thread (seq assigned in Redis); return the seq.
+
+        Raises:
+            InvalidIdentifier: a user or thread id is invalid.
+        """
+        check_id("user_id", user_id)
+        check_id("thread_id", thread_id)
+        return await self._require().publish(user_id, thread_id, event)
+
+    async def send_to_user(self, user_id: str, event: AgentEvent) -> None:
+        """Publish a live-only event (no seq, not replayed) to every connection of the user."""
+        check_id("user_id", user_id)
+        await self._require().publish_user(user_id, event)
+
+    async def broadcast(self, event: AgentEvent) -> None:
+        """Publish a live-only event to every connection on every node."""
+        await self._require().publish_all(event)
+
+    @asynccontextmanager
+    async def run(
+        self,
+        user_id: str,
+        thread_id: str,
+        *,
+        run_id: str | None = None,
+        agent_name: str = "agent",
+        terminal_timeout: float | None = None,
+    ) -> AsyncIterator[PublisherRun]:
+        """A run scope: ``agent_started`` now, exactly one terminal event on exit.
+
+        Normal exit publishes ``agent_completed`` with ``run.result``; an exception publishes
+        ``agent_error`` (type and message) and propagates; cancellation publishes
+        ``agent_cancelled`` and propagates (a run cancelled by ``run.cancel()`` ends quietly).
+        The terminal event is published shielded, within ``terminal_timeout`` seconds
+        (``Config.terminal_event_timeout`` by default).
+        """
+        check_id("user_id", user_id)
+        check_id("thread_id", thread_id)
+        run = PublisherRun(
+            new_id("run") if run_id is None else check_id("run_id", run_id),
+            user_id, thread_id, agent_name, self,
+        )
+        timeout = self.config.terminal_event_timeout if terminal_timeout is None else (
+            terminal_timeout
+        )
+        started = anyio.current_time()
+        await run._emit(AgentEvent(EventType.AGENT_STARTED, {"agent_name": agent_name}, run.run_id))
+        terminal: AgentEvent
+        try:
+            with run._scope:
+                yield run
+        except BaseException as exc:
+            terminal = self._terminal_for(run, exc)
+            raise
+        else:
+            if run._scope.cancelled_caught:
+                terminal = AgentEvent(
+                    EventType.AGENT_CANCELLED, {"reason": run._cancel_reason or "cancelled"},
+                    run.run_id,
+                )
+            else:
+                duration = round((anyio.current_time() - started) * 1000, 3)
+                terminal = AgentEvent(
+                    EventType.AGENT_COMPLETED, {"result": run.result, "duration_ms": duration},
+                    run.run_id,
+                )
+        finally:
+            with anyio.move_on_after(timeout, shield=True):
+                try:
+                    await run._emit(terminal)
+                finally:
+                    run._ended = True
+
+    def _terminal_for(self, run: PublisherRun, exc: BaseException) -> AgentEvent:
+        leaves = list(_leaves(exc))
+        errors = [leaf for leaf in leaves if isinstance(leaf, Exception)]
+        if errors:
+            limit = self.config.error_message_limit
+            return AgentEvent(
+                EventType.AGENT_ERROR,
+                {"error_type": type(errors[0]).__name__, "message": str(errors[0])[:limit]},
+                run.run_id,
+            )
+        cancelled = anyio.get_cancelled_exc_class()
+        reason = (run._cancel_reason or "cancelled") if all(
+            isinstance(leaf, cancelled) for leaf in leaves
+        ) else type(leaves[0]).__name__
+        return AgentEvent(EventType.AGENT_CANCELLED, {"reason": reason}, run.run_id)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
