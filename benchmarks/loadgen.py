@@ -8,7 +8,10 @@ Run as ``python -m benchmarks.loadgen``; it talks to the orchestrator in JSON li
 2. waits for ``go`` on stdin; then the first tab of each user sends ``bench_burst`` (``drive``),
    and every event is checked (:mod:`benchmarks.stats`) until all expected events arrived, the
    stream went quiet, or the deadline passed; without ``drive`` it waits for ``close``;
-3. prints ``{"result": ...}`` (counts, latency histogram, its own CPU time) and exits.
+3. with ``drive``: prints ``{"result": ...}`` (counts, latency histogram, its own CPU time)
+   while the connections are still open, waits for ``close``, closes them; without: closes
+   them, then prints the result;
+4. prints ``{"closed": true}`` and exits (the runner times the server's teardown CPU apart).
 
 asyncio with the ``websockets`` client (no compression, like every peer) and orjson: the
 lightest client stack available here. It dies by SIGALRM after ``lifetime`` seconds at most.
@@ -273,13 +276,17 @@ async def main() -> None:
     emit({"ready": await run.open_all()})
     command = await lines.get()
     if command == "go" and spec.get("drive"):
-        result = await run.drive()
+        # The result goes out before the connections close, so the runner can read the
+        # server's CPU for the delivery alone; the teardown is measured after "close".
+        emit({"result": await run.drive()})
+        await lines.get()
+        await run.close_all()
     else:
         if command == "go":
             command = await lines.get()
-        result = {"cpu": time.process_time(), "wall": 0.0}
-    await run.close_all()
-    emit({"result": result})
+        await run.close_all()
+        emit({"result": {"cpu": time.process_time(), "wall": 0.0}})
+    emit({"closed": True})
 
 
 if __name__ == "__main__":

@@ -110,6 +110,10 @@ async def run_load(
             slow_closed_after = None  # gone only when the load generator hung up at the end
         server_cpu = peer.cpu() - cpu0
         peak = peer.peak_rss()
+        if drive is not None:
+            await asyncio.gather(*(g.send("close") for g in gens))
+        await asyncio.gather(*(g.receive("closed", 60) for g in gens))
+        teardown_cpu = peer.cpu() - cpu0 - server_cpu
     tally, histogram = Tally(), Histogram()
     for result in results:
         if "tally" in result:
@@ -122,7 +126,7 @@ async def run_load(
         "connect_wall": max(r["wall"] for r in ready),
         "handshake_p99_ms": max((r["handshake_p99"] or 0) * 1000 for r in ready),
         "rss_before": rss_before, "rss_connected": rss_connected, "peak_rss": peak,
-        "wall": wall, "server_cpu": server_cpu,
+        "wall": wall, "server_cpu": server_cpu, "teardown_cpu": teardown_cpu,
         "loadgen_cpu": sum(r["cpu"] for r in results),
         "tally": attrs.asdict(tally), "latency_ms": percentiles_ms(histogram),
         "histogram": histogram.to_json(),
@@ -140,6 +144,8 @@ def _throughput(load: dict[str, Any], processes: int) -> dict[str, Any]:
         "server_cpu_us_per_event": round(load["server_cpu"] / delivered * 1e6, 2)
         if delivered else None,
         "server_cpu_share": round(load["server_cpu"] / wall, 2),
+        # Closing the connections afterwards, apart: it is not delivery work.
+        "teardown_cpu_s": round(load["teardown_cpu"], 3),
         "loadgen_cpu_share": round(load["loadgen_cpu"] / wall / processes, 2),
         **load["latency_ms"], **load["tally"],
     }

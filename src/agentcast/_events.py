@@ -100,7 +100,13 @@ CONTROL_TYPES: Final = frozenset({"subscribed", "unsubscribed", "error", "pong"}
 _CUSTOM_TYPE: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
+#: The built-in event types, accepted without the pattern check.
+_KNOWN_TYPES: Final = frozenset(str(member) for member in EventType)
+
+
 def _check_type(instance: AgentEvent, attribute: attrs.Attribute[str], value: str) -> None:
+    if value in _KNOWN_TYPES:
+        return
     if not isinstance(value, str) or _CUSTOM_TYPE.fullmatch(value) is None:
         raise InvalidEvent(
             f"event type {value!r} must be a known EventType or match [a-z][a-z0-9_]{{0,63}}"
@@ -116,8 +122,28 @@ def _check_run_id(
         check_id("run_id", value)
 
 
+def _has_non_finite(value: object) -> bool:
+    """Whether NaN or an infinity hides anywhere in ``value`` (no paths: the fast check)."""
+    kind = type(value)
+    if kind is float:
+        return not math.isfinite(value)  # type: ignore[arg-type]
+    if kind is dict:
+        values: Any = value.values()  # type: ignore[attr-defined]
+    elif kind is list or kind is tuple:
+        values = value
+    elif isinstance(value, float):
+        return not math.isfinite(value)
+    elif isinstance(value, Mapping):
+        values = value.values()
+    elif isinstance(value, list | tuple):
+        values = value
+    else:
+        return False
+    return any(type(item) is not str and _has_non_finite(item) for item in values)
+
+
 def _reject_non_finite(value: object, path: str) -> None:
-    # orjson silently writes NaN/Infinity as null; refuse instead of changing the data.
+    """Raise for the first NaN or infinity in ``value``, naming where it is."""
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidEvent(f"event data at {path} is {value!r}, which JSON cannot carry")
     if isinstance(value, Mapping):
@@ -155,24 +181,28 @@ class AgentEvent:
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.data, Mapping):
             raise InvalidEvent(f"event data must be a mapping, got {type(self.data).__name__}")
-        missing = REQUIRED_DATA.get(self.type, frozenset()) - self.data.keys()
-        if missing:
-            raise InvalidEvent(
-                f"{self.type} event data is missing {', '.join(sorted(missing))}"
-            )
-        if self.type in REQUIRED_DATA:
+        required = REQUIRED_DATA.get(self.type)
+        if required is not None:
+            missing = required - self.data.keys()
+            if missing:
+                raise InvalidEvent(
+                    f"{self.type} event data is missing {', '.join(sorted(missing))}"
+                )
             for key, (check, expected) in FIELD_RULES.items():
                 if key in self.data and not check(self.data[key]):
                     raise InvalidEvent(
                         f"{self.type} event data.{key} must be {expected}, "
                         f"got {self.data[key]!r:.60}"
                     )
-        _reject_non_finite(self.data, "data")
         try:
-            encoded = orjson.dumps(self.data, option=orjson.OPT_NON_STR_KEYS).decode()
+            encoded = orjson.dumps(self.data, option=orjson.OPT_NON_STR_KEYS)
         except TypeError as exc:
             raise InvalidEvent(f"{self.type} event data is not JSON-serialisable: {exc}") from None
-        object.__setattr__(self, "data_json", encoded)
+        # orjson silently writes NaN and infinities as null; refuse instead of changing the
+        # data. Output without "null" cannot hide one, which skips the walk for most events.
+        if b"null" in encoded and _has_non_finite(self.data):
+            _reject_non_finite(self.data, "data")
+        object.__setattr__(self, "data_json", encoded.decode())
 
     @property
     def is_terminal(self) -> bool:

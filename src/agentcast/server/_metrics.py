@@ -1,18 +1,20 @@
 """Prometheus metrics for ``GET /metrics``, read from the manager's own statistics.
 
-Everything but the per-type event counter is collected at scrape time from ``get_stats()`` and
-the server's rejection counts, so the hot path pays nothing for them; the per-type counter is
-incremented once per published event (not per delivery) by :class:`MeteredBroker`.
+Everything is collected at scrape time: from ``get_stats()``, the server's rejection counts and
+the per-type publish counts that :class:`MeteredBroker` keeps in a plain ``Counter`` (one dict
+increment per published event, not per delivery: a prometheus-client ``labels().inc()`` per
+event cost more than the rest of publishing).
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Iterator
 from typing import Final
 
 import attrs
 import trio
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -37,23 +39,24 @@ class MeteredBroker:
     """A broker that counts published events by type, then delegates."""
 
     inner: Broker
-    published: Counter
+    #: event type -> events published.
+    published: collections.Counter[str]
 
     async def serve(self, sink: EventSink, *, task_status: trio.TaskStatus[None]) -> None:
         await self.inner.serve(sink, task_status=task_status)
 
     async def publish(self, user_id: str, thread_id: str, event: AgentEvent) -> int:
         seq = await self.inner.publish(user_id, thread_id, event)
-        self.published.labels(event.type).inc()
+        self.published[event.type] += 1
         return seq
 
     async def publish_user(self, user_id: str, event: AgentEvent) -> None:
         await self.inner.publish_user(user_id, event)
-        self.published.labels(event.type).inc()
+        self.published[event.type] += 1
 
     async def publish_all(self, event: AgentEvent) -> None:
         await self.inner.publish_all(event)
-        self.published.labels(event.type).inc()
+        self.published[event.type] += 1
 
     async def recover(
         self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None
@@ -74,8 +77,15 @@ class MeteredBroker:
 class _StatsCollector(Collector):
     manager: Callable[[], ConnectionManager | None]
     rejections: Callable[[], dict[str, int]]
+    published: Callable[[], collections.Counter[str]]
 
     def collect(self) -> Iterator[Metric]:
+        published = CounterMetricFamily(
+            "agentcast_events_published", "Events published, by type.", labels=["type"]
+        )
+        for event_type, count in sorted(self.published().items()):
+            published.add_metric([event_type], count)
+        yield published
         manager = self.manager()
         if manager is None:
             return
@@ -125,16 +135,15 @@ class Metrics:
     """The registry behind ``/metrics``; one per server, so tests can run several."""
 
     registry: CollectorRegistry = attrs.Factory(CollectorRegistry)
-    published: Counter = attrs.field(init=False)
+    #: event type -> events published through :meth:`wrap`'s broker.
+    published: collections.Counter[str] = attrs.Factory(collections.Counter)
     _manager: ConnectionManager | None = None
     _rejections: dict[str, int] = attrs.Factory(dict)
 
     def __attrs_post_init__(self) -> None:
-        self.published = Counter(
-            "agentcast_events_published", "Events published, by type.", ["type"],
-            registry=self.registry,
-        )
-        self.registry.register(_StatsCollector(lambda: self._manager, lambda: self._rejections))
+        self.registry.register(_StatsCollector(
+            lambda: self._manager, lambda: self._rejections, lambda: self.published
+        ))
 
     def watch(self, manager: ConnectionManager, rejections: dict[str, int]) -> None:
         """Report this manager's statistics and this rejection table."""
