@@ -558,4 +558,4 @@ async def test_stats_are_plain_attrs_snapshots(manager: ConnectionManager) -> No
     assert alice_stats["subscriptions"] == 1
     assert alice_stats["events_published"] == 3
     assert alice_stats["closed"] is False
-    assert alice_stats["live_tasks"] == 3  # the connection's task, its writer and its reader
+    assert alice_stats["live_tasks"] == 2  # the connection's task (its reader) and its writer

@@ -15,14 +15,14 @@ from typing import Any, Final
 import attrs
 import orjson
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
+from trio_websocket import wrap_server_stream
 
-from .._connection import Connection
 from .._context import UserContext
 from .._manager import ConnectionManager
-from .._protocol import BATCH_SUBPROTOCOL, CloseCode
+from .._protocol import BATCH_SUBPROTOCOL
 from ._auth import AuthError, Claims, verify_token
 from ._front import HeadError, PrefixedStream, RequestHead, read_request_head, send_response
+from ._keepalive import Keepalive
 from ._metrics import CONTENT_TYPE, Metrics
 from ._settings import ServerSettings
 
@@ -54,6 +54,11 @@ class Server:
     rejections: dict[str, int] = attrs.Factory(dict)
     demo_page: bytes | None = None
     metrics: Metrics | None = None
+    #: Pings every open WebSocket; :func:`serve` runs it in its handler nursery.
+    keepalive: Keepalive = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.keepalive = Keepalive(self.settings.ping_interval, self.settings.ping_timeout)
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Serve one TCP connection from its first byte to its close."""
@@ -201,21 +206,9 @@ class Server:
             connection = await session.add_connection(
                 ws, threads=claims.threads, allowed_threads=claims.threads or None
             )
-            nursery.start_soon(self._keepalive, ws, connection)
-            await session.hold_connection(connection)
+            watch = self.keepalive.watch(ws, connection)
+            try:
+                await session.hold_connection(connection)
+            finally:
+                self.keepalive.unwatch(watch)
             nursery.cancel_scope.cancel()
-
-    async def _keepalive(self, ws: WebSocketConnection, connection: Connection) -> None:
-        """Ping every ``ping_interval``; a peer that does not answer within ``ping_timeout``
-        (black-holed, or its socket buffer full) is dropped without a close handshake."""
-        while True:
-            await trio.sleep(self.settings.ping_interval)
-            with trio.move_on_after(self.settings.ping_timeout) as waited:
-                try:
-                    await ws.ping()
-                except ConnectionClosed:
-                    return
-            if waited.cancelled_caught:
-                log.info("dropping connection %s: no pong in time", connection.connection_id)
-                connection.abort(CloseCode.GOING_AWAY, "ping timeout")
-                return

@@ -107,6 +107,7 @@ async def serve(
             origins = frozenset({f"http://{settings.host}:{port}", f"http://localhost:{port}"})
             server = Server(settings, manager, secret, own_origins=origins, metrics=metrics)
             metrics.watch(manager, server.rejections)
+            handlers.start_soon(server.keepalive.run, name="agentcast.server.keepalive")
             if settings.demo:
                 server.demo_page = _demo_page(issue_token(secret, DEMO_USER, ttl=DEMO_TOKEN_TTL))
             with trio.CancelScope() as accepting:
