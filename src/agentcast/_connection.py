@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from collections.abc import Iterator
 from typing import Protocol, final
 
@@ -318,61 +317,62 @@ class Connection:
         await self.finish(CloseCode.NORMAL, "")
 
     async def _write_loop(self) -> None:
-        # One scope for every write's deadline (set just before a write, cleared after): far
-        # cheaper than a fresh move_on_after per message on the hot path.
-        write_deadline = trio.CancelScope()
+        """Send what the channel brings, batched, until it ends or the connection must stop."""
+        counters = self._owner.counters
+        limit = self._owner.config.batch_max_events
+        latency = self._owner.delivery_latency
+        timeout = self._owner.config.write_timeout
         try:
-            with write_deadline:
-                await self._write_all(write_deadline)
-            if write_deadline.cancelled_caught:
-                # _writing stays True: the frame may be half-sent, so finish() aborts.
-                self._slow_consumer("write timed out")
+            while True:
+                try:
+                    item = await self._receive.receive()
+                except trio.EndOfChannel:
+                    return
+                frames, events, oldest_live, live = self._batch(item, limit)
+                for message in self._messages(frames):
+                    # A plain scope: trio.move_on_after's generator costs more per message.
+                    with trio.CancelScope(deadline=trio.current_time() + timeout) as deadline:
+                        sent = await self._write(message)
+                    if deadline.cancelled_caught:
+                        # _writing stays True: the frame may be half-sent, so finish() aborts.
+                        self._slow_consumer("write timed out")
+                        return
+                    if not sent:
+                        return
+                    counters.messages_sent += 1
+                counters.events_sent += events
+                if oldest_live is not None:
+                    latency.observe_frame(oldest_live, live)
         finally:
             # However the writer ends (drained, slow, peer gone), the reader must stop too.
             self._scope.cancel()
 
-    async def _write_all(self, write_deadline: trio.CancelScope) -> None:
-        """Send what the channel brings, batched, until it ends or the peer goes away."""
-        counters = self._owner.counters
-        limit = self._owner.config.batch_max_events
-        latency = self._owner.delivery_latency
+    def _batch(self, item: Outgoing, limit: int) -> tuple[list[str], int, str | None, int]:
+        """``item`` and what else is queued, up to about ``limit`` frames, as (frames, events,
+        oldest live frame, live events). Plain strings are live events; tuples are a control
+        frame and its replay."""
+        oldest_live: str | None = None
+        live = 0
+        if isinstance(item, str):
+            frames, events, oldest_live, live = [item], 1, item, 1
+        else:
+            frames, events = list(item), len(item) - 1
         receive = self._receive
-        timeout = self._owner.config.write_timeout
-        while True:
+        while len(frames) < limit:
             try:
-                item = await receive.receive()
-            except trio.EndOfChannel:
-                return
-            # Plain strings are live events; tuples are a control frame and its replay.
-            oldest_live: str | None = None
-            live = 0
+                item = receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
             if isinstance(item, str):
-                frames, events, oldest_live, live = [item], 1, item, 1
+                frames.append(item)
+                events += 1
+                live += 1
+                if oldest_live is None:
+                    oldest_live = item
             else:
-                frames, events = list(item), len(item) - 1
-            while len(frames) < limit:
-                try:
-                    item = receive.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-                if isinstance(item, str):
-                    frames.append(item)
-                    events += 1
-                    live += 1
-                    if oldest_live is None:
-                        oldest_live = item
-                else:
-                    frames.extend(item)
-                    events += len(item) - 1
-            for message in self._messages(frames):
-                write_deadline.deadline = trio.current_time() + timeout
-                if not await self._write(message):
-                    return
-                write_deadline.deadline = math.inf
-                counters.messages_sent += 1
-            counters.events_sent += events
-            if oldest_live is not None:
-                latency.observe_frame(oldest_live, live)
+                frames.extend(item)
+                events += len(item) - 1
+        return frames, events, oldest_live, live
 
     def _messages(self, frames: list[str]) -> Iterator[str]:
         """Group frames into WebSocket messages: one each, or newline-joined batches."""

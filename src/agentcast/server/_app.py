@@ -76,7 +76,14 @@ class Server:
             if head is None:
                 return  # no complete request head in time (slowloris): just close
             if head.is_websocket_upgrade:
-                await self._upgrade(stream, head)
+                accepted = await self._authorize(stream, head)
+                # trio-websocket parses the head again: the stream replays its bytes once.
+                replay = PrefixedStream(stream, head.raw)
+                # Not kept for the connection's lifetime: per idle connection, the parsed
+                # headers weigh as much as agentcast's own state.
+                del head
+                if accepted is not None:
+                    await self._serve_websocket(replay, *accepted)
             else:
                 await self._http(stream, head)
         except* Exception:
@@ -146,46 +153,45 @@ class Server:
         tokens = head.query.get("token")
         return tokens[0] if tokens else None
 
-    async def _upgrade(self, stream: trio.abc.Stream, head: RequestHead) -> None:
+    async def _authorize(
+        self, stream: trio.abc.Stream, head: RequestHead
+    ) -> tuple[Claims, str | None] | None:
+        """Check an upgrade request: refuse it (and return None), or return the token's
+        claims and the subprotocol to select."""
         if head.path != "/ws":
             await self._refuse(stream, 404, "path", f"no WebSocket endpoint at {head.path!r}")
-            return
+            return None
         if head.method != "GET":
             await self._refuse(stream, 405, "method", "a WebSocket upgrade must be a GET")
-            return
+            return None
         if head.header("sec-websocket-version") != WEBSOCKET_VERSION:
             await self._refuse(
                 stream, 426, "version", "only WebSocket version 13 is supported",
                 [("Sec-WebSocket-Version", WEBSOCKET_VERSION)],
             )
-            return
+            return None
         if not head.header("sec-websocket-key"):
             await self._refuse(stream, 400, "bad_handshake", "missing Sec-WebSocket-Key")
-            return
+            return None
         if self.draining:
             await self._refuse(stream, 503, "draining", "the server is shutting down")
-            return
+            return None
         if not self._origin_allowed(head.header("origin")):
             await self._refuse(stream, 403, "origin", "this Origin is not allowed")
-            return
+            return None
         claimed = head.query.get("user", [None])[0]
         try:
             claims = verify_token(self._token(head), self.secret, claimed_user=claimed)
         except AuthError as exc:
             await self._refuse(stream, 401, f"auth_{exc.reason}", str(exc))
-            return
+            return None
         session = self.manager.get_websocket_manager(UserContext(user_id=claims.user_id))
         if len(session.connections()) >= self.settings.max_connections_per_user:
             await self._refuse(
                 stream, 429, "connection_limit",
                 f"at most {self.settings.max_connections_per_user} connections per user",
             )
-            return
-        await self._serve_websocket(stream, head, claims)
-
-    async def _serve_websocket(
-        self, stream: trio.abc.Stream, head: RequestHead, claims: Claims
-    ) -> None:
+            return None
         offered = [
             value.strip() for value in (head.header("sec-websocket-protocol") or "").split(",")
             if value.strip()
@@ -195,13 +201,18 @@ class Server:
         subprotocol = BATCH_SUBPROTOCOL if BATCH_SUBPROTOCOL in offered else next(
             (value for value in offered if value.lower().startswith(BEARER_PREFIX)), None
         )
+        return claims, subprotocol
+
+    async def _serve_websocket(
+        self, stream: PrefixedStream, claims: Claims, subprotocol: str | None
+    ) -> None:
         session = self.manager.get_websocket_manager(UserContext(user_id=claims.user_id))
         async with trio.open_nursery() as nursery:
             request = await wrap_server_stream(
-                nursery, PrefixedStream(stream, head.raw),
-                max_message_size=self.settings.core.max_message_bytes,
+                nursery, stream, max_message_size=self.settings.core.max_message_bytes
             )
             ws = await request.accept(subprotocol=subprotocol)
+            del request
             # A token naming threads subscribes to them and confines the client to them.
             connection = await session.add_connection(
                 ws, threads=claims.threads, allowed_threads=claims.threads or None
