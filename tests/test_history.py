@@ -55,6 +55,26 @@ def test_retention_is_bounded_by_size() -> None:
     assert history.latest_seq == 5
 
 
+def test_a_reserved_seq_never_appended_restarts_history_after_the_gap() -> None:
+    history = ThreadHistory(max_size=10, ttl=60.0)
+    fill(history, 3)
+    history.next_seq()  # seq 4 reserved, never appended (its encoding failed, say)
+    later = fill(history, 2)
+    assert history.oldest_seq == 5
+    assert not history.recover(2, None, 0.0).recovered  # would need the missing seq 4
+    resumed = history.recover(4, None, 0.0)
+    assert resumed.recovered
+    assert list(resumed.frames) == later
+
+
+def test_append_refuses_a_seq_that_is_not_the_latest_reserved() -> None:
+    history = ThreadHistory(max_size=10, ttl=60.0)
+    history.next_seq()
+    history.next_seq()
+    with pytest.raises(ValueError, match="not the latest reserved"):
+        history.append(1, "{}", 0.0)
+
+
 def test_oldest_seq_of_an_empty_history_is_one_past_latest() -> None:
     history = ThreadHistory(max_size=3, ttl=60.0)
     assert history.oldest_seq == 1

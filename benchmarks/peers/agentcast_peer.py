@@ -17,7 +17,7 @@ from typing import Any
 import trio
 
 from agentcast import AgentEvent, Config, EventType, UserSession
-from agentcast.server import ServerSettings, serve
+from agentcast.server import ServerSettings, serve, tune_gc
 from benchmarks.peers import BENCH_SECRET
 from benchmarks.peers._common import announce, parse_lifetime
 from benchmarks.protocol import TICK, due, event_data, pad_for, parse_burst
@@ -49,4 +49,5 @@ async def main() -> None:
 
 if __name__ == "__main__":
     parse_lifetime()
+    tune_gc()  # what the agentcast serve command does before it starts
     trio.run(main)

@@ -14,6 +14,7 @@ import trio
 
 from .._config import Config
 from ._auth import DEFAULT_TTL, check_secret, issue_token
+from ._gc import DEFAULT_GC_THRESHOLD, tune_gc
 from ._serve import DEMO_USER, RunningServer, serve
 from ._settings import DEFAULT_HOST, DEFAULT_PORT, MAX_CONNECTIONS_PER_USER, ServerSettings
 from ._workers import run_workers
@@ -54,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=int(_env("WORKERS", "1") or 1),
                      help="server processes sharing the port; needs --redis-url "
                           "(AGENTCAST_WORKERS)")
+    run.add_argument("--gc-threshold", type=int,
+                     default=int(_env("GC_THRESHOLD", "") or DEFAULT_GC_THRESHOLD),
+                     help="young-generation GC threshold for this server process; 0 keeps "
+                          "Python's default (AGENTCAST_GC_THRESHOLD)")
     run.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
 
     token = commands.add_parser("token", help="print a signed token that serve accepts")
@@ -121,11 +126,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if settings.secret is not None:
             check_secret(settings.secret)
+        if args.gc_threshold < 0:
+            raise ValueError(f"--gc-threshold must be 0 or positive, got {args.gc_threshold}")
     except ValueError as exc:
         print(f"agentcast serve: {exc}", file=sys.stderr)
         return 2
     if args.workers > 1:
         return run_workers(argv, args.workers, settings.host, settings.port)
+    tune_gc(args.gc_threshold)
     trio.run(_run, settings)
     return 0
 
