@@ -196,7 +196,8 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
                     label=f"{peer} p50")
     ax.set(xscale="log", yscale="log", xlabel="offered deliveries/s", ylabel="latency (ms)",
            title="steady: latency vs offered load")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # a run without steady rows has nothing to label
+        ax.legend(fontsize=7)
     written.append(_save(fig, out / "latency_vs_load.png"))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     names = list(peers)
@@ -209,7 +210,8 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         ax.bar(positions, values, width, label=f"{size} conns")
     ax.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(names))], names)
     ax.set(ylabel="server CPU µs per delivered event", title="burst: CPU per event")
-    ax.legend()
+    if sizes:
+        ax.legend()
     written.append(_save(fig, out / "cpu_per_event.png"))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     values = [(peers[p].get("idle") or {}).get("kb_per_connection") or 0 for p in names]
