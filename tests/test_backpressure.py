@@ -160,8 +160,9 @@ async def test_a_write_blocked_past_write_timeout_closes_the_stalled_client(
             assert set(reader.times) == {start}
 
         await stalled_connection.wait_closed()
-        # The write blocked on the full socket buffer was cut at write_timeout.
-        assert trio.current_time() - start == config.write_timeout
+        # The write blocked on the full socket buffer was cut by the manager's watchdog, which
+        # checks every eighth of write_timeout.
+        assert config.write_timeout <= trio.current_time() - start <= config.write_timeout * 1.125
         assert stalled_connection.close_code == CloseCode.SLOW_CONSUMER
         stats = manager.get_stats()
         assert stats.slow_consumer_disconnects == 1

@@ -64,7 +64,8 @@ class Config:
 
     #: Events (and control frames) queued per connection; a full queue closes it with 4008.
     send_queue_size: int = attrs.field(default=SEND_QUEUE_SIZE, validator=positive)
-    #: Seconds one socket write may block before the connection is aborted as a slow consumer.
+    #: Seconds one socket write may block before the connection is aborted as a slow consumer
+    #: (the manager's watchdog checks every eighth of it, so within 1.125 times this).
     write_timeout: float = attrs.field(default=WRITE_TIMEOUT, validator=positive)
     #: Seconds a close handshake may take; past it the transport is dropped.
     close_timeout: float = attrs.field(default=CLOSE_TIMEOUT, validator=positive)

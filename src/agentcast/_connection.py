@@ -137,8 +137,10 @@ class Connection:
     _close_code: int | None = None
     _close_reason: str = ""
     _peer_closed: bool = False
-    #: True while a write is in progress: cancelling it may leave half a frame on the wire.
-    _writing: bool = False
+    #: trio time the write in progress started (None between writes). Cancelling a write may
+    #: leave half a frame on the wire; the manager's watchdog cuts one older than
+    #: ``write_timeout`` (see :meth:`check_write`), far cheaper than a cancel scope per write.
+    _write_started: float | None = None
     #: Set by :meth:`abort`: the peer is dead, so no close handshake is attempted.
     _aborting: bool = False
     _finished: trio.Event = attrs.Factory(trio.Event)
@@ -278,7 +280,7 @@ class Connection:
         try:
             if self._peer_closed:
                 pass
-            elif self._writing or self._aborting:
+            elif self._write_started is not None or self._aborting:
                 await abort_transport(self.transport, self._close_code, self._close_reason)
             else:
                 await close_transport(
@@ -321,7 +323,6 @@ class Connection:
         counters = self._owner.counters
         limit = self._owner.config.batch_max_events
         latency = self._owner.delivery_latency
-        timeout = self._owner.config.write_timeout
         try:
             while True:
                 try:
@@ -330,14 +331,7 @@ class Connection:
                     return
                 frames, events, oldest_live, live = self._batch(item, limit)
                 for message in self._messages(frames):
-                    # A plain scope: trio.move_on_after's generator costs more per message.
-                    with trio.CancelScope(deadline=trio.current_time() + timeout) as deadline:
-                        sent = await self._write(message)
-                    if deadline.cancelled_caught:
-                        # _writing stays True: the frame may be half-sent, so finish() aborts.
-                        self._slow_consumer("write timed out")
-                        return
-                    if not sent:
+                    if not await self._write(message):
                         return
                     counters.messages_sent += 1
                 counters.events_sent += events
@@ -395,19 +389,27 @@ class Connection:
             yield "\n".join(group)
 
     async def _write(self, message: str) -> bool:
-        """Write one message (the caller bounds it); False if the peer has gone."""
+        """Write one message (:meth:`check_write` bounds it); False if the peer has gone."""
         # A close that came between two messages cuts nothing: stop before starting this one,
         # so finish() closes politely with the code instead of aborting (1006).
         await trio.lowlevel.checkpoint_if_cancelled()
-        self._writing = True
+        self._write_started = trio.current_time()
         try:
             await self.transport.send_message(message)
         except ConnectionClosed as exc:
-            self._writing = False
+            self._write_started = None
             self._peer_gone(exc)
             return False
-        self._writing = False
+        # Cancelled (cut by check_write or a close) leaves _write_started set: finish() aborts.
+        self._write_started = None
         return True
+
+    def check_write(self, now: float) -> None:
+        """Close as a slow consumer (4008, by abort) if the write in progress started
+        ``write_timeout`` or more before ``now``; the manager's watchdog calls this."""
+        started = self._write_started
+        if started is not None and now - started >= self._owner.config.write_timeout:
+            self._slow_consumer("write timed out")
 
     async def _read_loop(self) -> None:
         config = self._owner.config

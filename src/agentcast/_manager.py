@@ -144,6 +144,17 @@ class ConnectionManager:
 
     # ---- lifetime ---------------------------------------------------------------------------
 
+    async def _watch_writes(self) -> None:
+        """Cut writes stuck past ``write_timeout`` (a client that stopped reading), checking
+        every eighth of it: one task for all connections instead of a cancel scope per write,
+        so a stuck write ends between ``write_timeout`` and 1.125 times it."""
+        period = self.config.write_timeout / 8
+        while True:
+            await trio.sleep(period)
+            now = trio.current_time()
+            for session in tuple(self._sessions.values()):
+                session.check_writes(now)
+
     def _forget(self, session: UserSession) -> None:
         """Called by a session's supervisor when it has finished."""
         if self._sessions.get(session.user_id) is session:
@@ -224,6 +235,7 @@ async def open_manager(
             except BaseException:
                 root.cancel_scope.cancel()
                 raise
+            root.start_soon(manager._watch_writes, name="agentcast.write-watchdog")
             manager._ready.set()
             token = _current_manager.set(manager)
             try:

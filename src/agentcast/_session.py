@@ -177,6 +177,11 @@ class UserSession:
         await connection.wait_closed()
         return True
 
+    def check_writes(self, now: float) -> None:
+        """Close connections whose current write has outlasted ``write_timeout`` (4008)."""
+        for connection in tuple(self._connections.values()):
+            connection.check_write(now)
+
     def connections(self) -> list[Connection]:
         """This user's open connections."""
         return list(self._connections.values())
