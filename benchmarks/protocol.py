@@ -28,7 +28,7 @@ from typing import Any, Final
 
 #: Event type used for benchmark events (a known agentcast type; ``data.text`` is required).
 EVENT_TYPE: Final = "agent_thinking"
-#: Seconds between pacing ticks of a rate-paced emission.
+#: Shortest pause between pacing checks of a rate-paced emission, in seconds.
 TICK: Final = 0.005
 #: Envelope overhead of an event besides the ``text`` padding (measured for typical ids).
 _OVERHEAD: Final = 150
@@ -60,6 +60,14 @@ def due(elapsed: float, rate: float, count: int) -> int:
     if rate <= 0:
         return count
     return min(count, math.floor(elapsed * rate) + 1)
+
+
+def pause(elapsed: float, sent: int, rate: float) -> float:
+    """Seconds to sleep after ``sent`` events, ``elapsed`` s into a paced emission: until the
+    next event is due, but at least :data:`TICK`. A slow emission wakes once per event rather
+    than every tick, which a server would otherwise pay for at every level; a fast one still
+    emits in ticks."""
+    return max(TICK, sent / rate - elapsed) if rate > 0 else 0.0
 
 
 def parse_burst(frame: dict[str, Any]) -> tuple[str, int, int, float]:

@@ -19,7 +19,7 @@ COLUMNS: dict[str, list[str]] = {
     "connect": ["connections", "handshakes_per_s", "handshake_p99_ms", "failures"],
     "slow-consumer": ["offered_per_s", "p99_undisturbed", "p99_with_slow", "p99_ratio",
                       "others_losses", "slow_closed", "slow_close_code", "slow_closed_after_s",
-                      "peak_rss_mb"],
+                      "peak_rss_mb", "peak_rss_growth_mb"],
     "isolation": ["users", "delivered", "cross_user", "losses", "duplicates", "order_violations"],
 }
 
@@ -97,7 +97,8 @@ def verdicts(results: dict[str, Any]) -> list[str]:
             f"slow-consumer: {'MET' if ok else 'MISSED'} — others' p99 {slow['p99_with_slow']} ms "
             f"vs {slow['p99_undisturbed']} ms undisturbed ({ratio}x, target ≤ 1.2x); stalled "
             f"client closed: {_cell(slow['slow_closed'])} (code {slow['slow_close_code']}); "
-            f"peak RSS {slow['peak_rss_mb']} MB"
+            f"peak RSS {slow['peak_rss_mb']} MB (+{slow.get('peak_rss_growth_mb')} MB during the "
+            f"run); median of {slow.get('rounds', 1)} alternating rounds"
         )
     iso = ours.get("isolation")
     if iso:

@@ -58,7 +58,7 @@ QUICK: Final = Sizes(
 FULL: Final = Sizes(
     idle_connections=3000, connect_connections=1000, isolation_users=200, isolation_events=100,
     bursts=((10, 10, 500), (100, 10, 100)), steady_users=20, steady_tabs=5,
-    steady_levels=(500, 1000, 2500, 5000, 10000, 20000, 40000, 80000), steady_seconds=3.0,
+    steady_levels=(500, 1000, 2500, 5000, 10000, 20000, 40000, 80000), steady_seconds=5.0,
     slow=(10, 4, 50, 8.0), slow_rounds=3, loadgen_processes=2, idle_hold=2.0,
 )
 
@@ -251,7 +251,7 @@ async def slow_consumer(peer: Peer, sizes: Sizes, progress: Progress) -> dict[st
     p99s: dict[str, list[float]] = {"undisturbed": [], "with_slow": []}
     disturbed: dict[str, Any] = {}
     losses = duplicates = order_violations = cross_user = 0
-    peak_rss = 0
+    peak_rss = peak_growth = 0
     slow_closed_after: list[float] = []
     for round_index in range(sizes.slow_rounds):
         for label, slow in (("undisturbed", None), ("with_slow", f"slow{round_index}-u0")):
@@ -271,6 +271,7 @@ async def slow_consumer(peer: Peer, sizes: Sizes, progress: Progress) -> dict[st
             order_violations += load["tally"]["order_violations"]
             cross_user += load["tally"]["cross_user"]
             peak_rss = max(peak_rss, load["peak_rss"])
+            peak_growth = max(peak_growth, load["peak_rss"] - load["rss_before"])
             if load["slow_closed_after"] is not None:
                 slow_closed_after.append(load["slow_closed_after"])
     calm_p99 = statistics.median(p99s["undisturbed"]) if p99s["undisturbed"] else None
@@ -291,6 +292,8 @@ async def slow_consumer(peer: Peer, sizes: Sizes, progress: Progress) -> dict[st
         "slow_closed_after_s": round(statistics.median(slow_closed_after), 1)
         if slow_closed_after else None,
         "peak_rss_mb": round(peak_rss / 2**20, 1),
+        # What the stalled client's queue cost, apart from what earlier scenarios left behind.
+        "peak_rss_growth_mb": round(peak_growth / 2**20, 1),
     }
 
 

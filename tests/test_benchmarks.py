@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from benchmarks import report
-from benchmarks.protocol import due, encode_event, pad_for
+from benchmarks.protocol import TICK, due, encode_event, pad_for, pause
 from benchmarks.stats import Histogram, StreamCheck, Tally, bucket_of, bucket_value, percentiles_ms
 
 
@@ -78,6 +78,14 @@ def test_pacing_schedule() -> None:
     assert due(0.0, 100.0, 50) == 1
     assert due(0.25, 100.0, 50) == 26
     assert due(10.0, 100.0, 50) == 50
+
+
+def test_pacing_sleeps_until_the_next_event_is_due_but_at_least_a_tick() -> None:
+    assert pause(0.0, 1, 10.0) == pytest.approx(0.1)  # event 2 of 10/s is due at 0.1 s
+    assert pause(0.05, 1, 10.0) == pytest.approx(0.05)
+    assert pause(0.0, 1, 10_000.0) == TICK  # fast emissions still go in ticks
+    assert pause(0.5, 1, 10.0) == TICK  # late: check again soon, never a negative sleep
+    assert pause(0.0, 5, 0) == 0.0  # unpaced
 
 
 def test_event_frame_is_about_the_requested_size() -> None:

@@ -20,7 +20,7 @@ from agentcast import AgentEvent, Config, EventType, UserSession
 from agentcast.server import ServerSettings, serve, tune_gc
 from benchmarks.peers import BENCH_SECRET
 from benchmarks.peers._common import announce, parse_lifetime
-from benchmarks.protocol import TICK, due, event_data, pad_for, parse_burst
+from benchmarks.protocol import due, event_data, pad_for, parse_burst, pause
 
 
 async def handler(session: UserSession, connection: Any, frame: dict[str, Any]) -> None:
@@ -37,7 +37,7 @@ async def handler(session: UserSession, connection: Any, frame: dict[str, Any]) 
                 thread_id, AgentEvent(EventType.AGENT_THINKING, event_data(pad, n, user, ts))
             )
         if n < count:
-            await trio.sleep(TICK)
+            await trio.sleep(pause(time.time() - start, n, rate))
 
 
 async def main() -> None:

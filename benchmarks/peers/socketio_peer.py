@@ -19,7 +19,7 @@ import socketio
 import uvicorn
 
 from benchmarks.peers._common import announce, parse_lifetime
-from benchmarks.protocol import EVENT_TYPE, TICK, due, event_data, pad_for, parse_burst
+from benchmarks.protocol import EVENT_TYPE, due, event_data, pad_for, parse_burst, pause
 
 sio = socketio.AsyncServer(async_mode="asgi", cors_allowed_origins="*")
 app = socketio.ASGIApp(sio)
@@ -55,7 +55,7 @@ async def bench_burst(sid: str, frame: dict[str, Any]) -> None:
                 room=user,
             )
         if n < count:
-            await asyncio.sleep(TICK)
+            await asyncio.sleep(pause(time.time() - start, n, rate))
 
 
 async def main() -> None:

@@ -17,7 +17,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 from benchmarks.peers._common import announce, parse_lifetime
-from benchmarks.protocol import TICK, due, encode_event, pad_for, parse_burst
+from benchmarks.protocol import due, encode_event, pad_for, parse_burst, pause
 
 users: dict[str, dict[WebSocketConnection, set[str]]] = {}
 
@@ -42,7 +42,7 @@ async def emit(user: str, frame: dict[str, object]) -> None:
             message = encode_event(thread_id, pad, n, user, time.time())
             await send_to_thread(user, thread_id, message)
         if n < count:
-            await trio.sleep(TICK)
+            await trio.sleep(pause(time.time() - start, n, rate))
 
 
 async def handle(request: WebSocketRequest) -> None:

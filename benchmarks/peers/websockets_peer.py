@@ -19,7 +19,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from benchmarks.peers._common import announce, parse_lifetime
-from benchmarks.protocol import TICK, due, encode_event, pad_for, parse_burst
+from benchmarks.protocol import due, encode_event, pad_for, parse_burst, pause
 
 
 class ConnectionManager:
@@ -61,7 +61,7 @@ async def emit(user: str, frame: dict[str, object]) -> None:
                 user, thread_id, encode_event(thread_id, pad, n, user, time.time())
             )
         if n < count:
-            await asyncio.sleep(TICK)
+            await asyncio.sleep(pause(time.time() - start, n, rate))
 
 
 async def handle(ws: ServerConnection) -> None:
