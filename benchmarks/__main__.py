@@ -25,10 +25,13 @@ from rich.console import Console
 from benchmarks import report
 from benchmarks.peers import PEERS
 from benchmarks.procs import running_peer
+from benchmarks.scaleout import scale_out
 from benchmarks.scenarios import FULL, QUICK, SCENARIOS
 
 #: Order scenarios run in against one server process: idle first, so its RSS is a clean base.
-ORDER = ["idle", "connect", "isolation", "burst", "steady", "slow-consumer"]
+ORDER = ["idle", "connect", "isolation", "burst", "steady", "slow-consumer", "scale-out"]
+#: Scenarios about agentcast alone (its own deployment options), skipped for the other peers.
+AGENTCAST_ONLY = {"scale-out": scale_out}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -70,10 +73,14 @@ async def run(args: argparse.Namespace, argv: list[str], console: Console) -> di
             results["peers"][peer_name] = rows
             async with running_peer(peer_name, lifetime=1800) as peer:
                 for name in chosen:
+                    if name in AGENTCAST_ONLY and peer_name != "agentcast":
+                        continue
+                    scenario = AGENTCAST_ONLY.get(name) or SCENARIOS[name]
+
                     def progress(text: str, peer_name: str = peer_name) -> None:
                         status.update(f"[bold]{peer_name}[/]: {text}")
 
-                    rows[name] = await SCENARIOS[name](peer, sizes, progress)
+                    rows[name] = await scenario(peer, sizes, progress)
                     console.log(f"{peer_name} {name}: {_short(rows[name])}")
     return results
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any, Final
@@ -77,10 +77,13 @@ class Peer:
 
 
 @asynccontextmanager
-async def running_peer(name: str, lifetime: int) -> AsyncIterator[Peer]:
-    """Start peer ``name`` and yield it once it printed its port; stop it on exit."""
+async def running_peer(
+    name: str, lifetime: int, extra_args: Sequence[str] = ()
+) -> AsyncIterator[Peer]:
+    """Start peer ``name`` (with ``extra_args``) and yield it once it printed its port; stop
+    it on exit."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", PEERS[name], "--lifetime", str(lifetime),
+        sys.executable, "-m", PEERS[name], "--lifetime", str(lifetime), *extra_args,
         stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL, cwd=ROOT,
     )
     try:

@@ -21,6 +21,9 @@ COLUMNS: dict[str, list[str]] = {
                       "others_losses", "slow_closed", "slow_close_code", "slow_closed_after_s",
                       "peak_rss_mb", "peak_rss_growth_mb"],
     "isolation": ["users", "delivered", "cross_user", "losses", "duplicates", "order_violations"],
+    "scale-out": ["setup", "connections", "connections_per_worker", "events_per_s",
+                  "server_cpu_us_per_event", "paced_per_s", "p50", "p99", "added_p50",
+                  "added_p99", "losses", "duplicates", "order_violations", "cross_user"],
 }
 
 
@@ -100,6 +103,20 @@ def verdicts(results: dict[str, Any]) -> list[str]:
             f"peak RSS {slow['peak_rss_mb']} MB (+{slow.get('peak_rss_growth_mb')} MB during the "
             f"run); median of {slow.get('rounds', 1)} alternating rounds"
         )
+    scale = rows_of(ours.get("scale-out"))
+    if scale:
+        rates = ", ".join(f"{r['setup']} {r['events_per_s']}/s" for r in scale)
+        hops = [r for r in scale if "added_p50" in r and r is not scale[0]]
+        faults = sum(r[k] for r in scale for k in ("losses", "duplicates", "order_violations",
+                                                     "cross_user"))
+        lines.append(
+            f"scale-out (issue 5, measured, no target): burst delivered {rates}; the Redis hop "
+            f"adds p50 {', '.join(str(r['added_p50']) for r in hops)} ms and p99 "
+            f"{', '.join(str(r.get('added_p99')) for r in hops)} ms at "
+            f"{scale[0]['paced_per_s']}/s; connections per worker "
+            f"{scale[-1].get('connections_per_worker')}; lost/duplicated/reordered/misrouted "
+            f"{faults}"
+        )
     iso = ours.get("isolation")
     if iso:
         lines.append(f"isolation: {'MET' if iso['cross_user'] == 0 else 'MISSED'} — "
@@ -117,6 +134,7 @@ def integrity_failures(results: dict[str, Any]) -> list[str]:
     keys = ("losses", "duplicates", "order_violations", "cross_user")
     for peer, scenarios in results["peers"].items():
         checked = rows_of(scenarios.get("burst")) + rows_of(scenarios.get("isolation"))
+        checked += rows_of(scenarios.get("scale-out"))
         checked += [r for r in rows_of(scenarios.get("steady")) if r.get("sustained")]
         for row in checked:
             found += [f"{peer}: {key}={row[key]}" for key in keys if row.get(key)]

@@ -47,19 +47,25 @@ class Sizes:
     loadgen_processes: int
     #: Seconds idle connections are held before RSS is read.
     idle_hold: float
+    #: scale-out: (users, tabs, events per user) of its burst.
+    scale_burst: tuple[int, int, int]
+    #: scale-out: offered deliveries/s of its paced latency load, and its seconds.
+    scale_rate: int
+    scale_seconds: float
 
 
 QUICK: Final = Sizes(
     idle_connections=200, connect_connections=100, isolation_users=20, isolation_events=50,
     bursts=((5, 4, 200),), steady_users=10, steady_tabs=2, steady_levels=(400, 2000),
     steady_seconds=1.0, slow=(4, 2, 300, 2.0), slow_rounds=1, loadgen_processes=1,
-    idle_hold=0.5,
+    idle_hold=0.5, scale_burst=(4, 2, 50), scale_rate=200, scale_seconds=1.5,
 )
 FULL: Final = Sizes(
     idle_connections=3000, connect_connections=1000, isolation_users=200, isolation_events=100,
     bursts=((10, 10, 500), (100, 10, 100)), steady_users=20, steady_tabs=5,
     steady_levels=(500, 1000, 2500, 5000, 10000, 20000, 40000, 80000), steady_seconds=5.0,
     slow=(10, 4, 50, 8.0), slow_rounds=3, loadgen_processes=2, idle_hold=2.0,
+    scale_burst=(50, 4, 200), scale_rate=4000, scale_seconds=5.0,
 )
 
 Progress = Callable[[str], None]
@@ -73,6 +79,7 @@ async def run_load(
     peer: Peer, users: list[str], tabs: int, *, processes: int, drive: dict[str, Any] | None,
     thread: str | None = THREAD, slow_user: str | None = None, deadline: float = 60.0,
     quiet: float = 3.0, concurrency: int = 200, hold: float = 0.0,
+    on_ready: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
     """Open the connections in ``processes`` load generators, drive them, merge their reports."""
     groups = [users[index::processes] for index in range(processes)]
@@ -91,6 +98,8 @@ async def run_load(
         ready = await asyncio.gather(*(g.receive("ready", 180) for g in gens))
         if hold:
             await asyncio.sleep(hold)
+        if on_ready is not None:
+            on_ready()  # every connection is open: e.g. see how they spread over workers
         rss_connected = peer.rss()
         peer.reset_peak()
         cpu0 = peer.cpu()

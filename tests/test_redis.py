@@ -23,6 +23,7 @@ from agentcast import (
     RedisPublisher,
     UserContext,
 )
+from agentcast._redis_streams import StreamOps
 
 from .helpers import Client, connect, thinking
 from .redis_server import RedisServer, free_port
@@ -83,6 +84,53 @@ async def test_two_nodes_deliver_every_event_in_order_once(redis_server: RedisSe
         expected = list(range(1, 101))
         assert await seqs_until(on_a, 100) == expected
         assert await seqs_until(on_b, 100) == expected
+
+
+async def test_concurrent_publishes_are_pipelined_and_keep_each_threads_order(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipelines: list[int] = []
+    send = StreamOps._pipeline
+
+    async def counted(ops: StreamOps, batch: list[Any]) -> None:
+        pipelines.append(len(batch))
+        await send(ops, batch)
+
+    monkeypatch.setattr(StreamOps, "_pipeline", counted)
+    users = [f"user{index}" for index in range(20)]
+    async with node(redis_server.url) as a, node(redis_server.url) as b:
+        clients = {}
+        for user in users:
+            clients[user], _ = await connect(session(b, user), ("t1",), capacity=1024)
+            assert (await clients[user].receive())["type"] == "subscribed"
+        returned: dict[str, list[int]] = {user: [] for user in users}
+
+        async def emit(user: str) -> None:
+            for i in range(25):
+                returned[user].append(await session(a, user).send_to_thread("t1", thinking(str(i))))
+
+        async with trio.open_nursery() as nursery:
+            for user in users:
+                nursery.start_soon(emit, user)
+        expected = list(range(1, 26))
+        for user in users:
+            assert returned[user] == expected  # each publish got its own seq, in order
+            assert await seqs_until(clients[user], 25) == expected  # delivered on the other node
+    assert sum(pipelines) == 20 * 25
+    assert max(pipelines) > 1  # publishes made meanwhile shared a round trip
+
+
+async def test_a_flushed_script_cache_is_reloaded_and_the_publish_succeeds(
+    redis_server: RedisServer,
+) -> None:
+    async with node(redis_server.url) as a:
+        client, _ = await connect(session(a), ("t1",))
+        assert (await client.receive())["type"] == "subscribed"
+        assert await session(a).send_to_thread("t1", thinking("before")) == 1
+        async with coredis.Redis.from_url(redis_server.url, decode_responses=True) as admin:
+            await admin.script_flush()
+        assert await session(a).send_to_thread("t1", thinking("after")) == 2
+        assert await seqs_until(client, 2) == [1, 2]
 
 
 async def test_publisher_events_and_run_reach_a_node(redis_server: RedisServer) -> None:

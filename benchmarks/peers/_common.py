@@ -9,10 +9,11 @@ import sys
 
 
 def parse_lifetime() -> float:
-    """Read ``--lifetime`` and arm SIGALRM so the process dies by itself after it."""
+    """Read ``--lifetime`` and arm SIGALRM so the process dies by itself after it (other
+    arguments are left to the peer)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--lifetime", type=int, default=1800)
-    args = parser.parse_args()
+    args, _ = parser.parse_known_args()
     signal.alarm(args.lifetime)  # default SIGALRM action terminates the process
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # idle scenario: many sockets

@@ -4,12 +4,14 @@ Config is agentcast's default (``Config()``): the benchmark keeps every burst at
 ``send_queue_size`` events per connection, so no knob needs changing. Clients use the documented
 ``agentcast.ndjson`` subprotocol (batching) and ``bearer.<token>`` auth.
 
-Tuning left on the table: a larger ``batch_max_events``; running several server processes
-behind the Redis backplane.
+Tuning left on the table: a larger ``batch_max_events``. ``--redis-url``, ``--port`` and
+``--reuse-port`` make it a node of the ``scale-out`` scenario (several processes on one port
+behind the Redis backplane).
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import time
 from typing import Any
@@ -40,8 +42,21 @@ async def handler(session: UserSession, connection: Any, frame: dict[str, Any]) 
             await trio.sleep(pause(time.time() - start, n, rate))
 
 
-async def main() -> None:
-    settings = ServerSettings(port=0, secret=BENCH_SECRET, core=Config())
+def node_options() -> argparse.Namespace:
+    """The scale-out scenario's options: a Redis backplane, a shared port (SO_REUSEPORT)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--redis-url")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--reuse-port", action="store_true")
+    options, _ = parser.parse_known_args()
+    return options
+
+
+async def main(options: argparse.Namespace) -> None:
+    settings = ServerSettings(
+        port=options.port, secret=BENCH_SECRET, core=Config(), redis_url=options.redis_url,
+        reuse_port=options.reuse_port,
+    )
     async with trio.open_nursery() as nursery:
         running = await nursery.start(functools.partial(serve, settings, message_handler=handler))
         announce(running.port)
@@ -50,4 +65,4 @@ async def main() -> None:
 if __name__ == "__main__":
     parse_lifetime()
     tune_gc()  # what the agentcast serve command does before it starts
-    trio.run(main)
+    trio.run(main, node_options())
