@@ -23,7 +23,8 @@ COLUMNS: dict[str, list[str]] = {
     "isolation": ["users", "delivered", "cross_user", "losses", "duplicates", "order_violations"],
     "scale-out": ["setup", "connections", "connections_per_worker", "events_per_s",
                   "server_cpu_us_per_event", "paced_per_s", "p50", "p99", "added_p50",
-                  "added_p99", "losses", "duplicates", "order_violations", "cross_user"],
+                  "added_p99", "closed_by_server", "losses", "duplicates", "order_violations",
+                  "cross_user"],
 }
 
 

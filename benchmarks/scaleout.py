@@ -160,6 +160,7 @@ async def _measure(
         "paced_per_s": sizes.scale_rate,
         "p50": paced["latency_ms"]["p50"],
         "p99": paced["latency_ms"]["p99"],
+        "closed_by_server": burst["closed_by_server"] + paced["closed_by_server"],
         **tally,
     }
 
