@@ -113,6 +113,36 @@ async def test_a_killed_nodes_client_resumes_on_another_node(redis_server: Redis
         gc.collect()
 
 
+@pytest.mark.filterwarnings("ignore:unclosed <socket:ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_frozen_node_neither_delays_nor_loses_the_other_nodes_stream(
+    redis_server: RedisServer,
+) -> None:
+    """The slowest node there is: SIGSTOPped, its event loop runs nothing at all."""
+    with agentcast_serve("--redis-url", redis_server.url) as (slow, port_slow), \
+            agentcast_serve("--redis-url", redis_server.url) as (_, port_fast):
+        async with RedisPublisher(redis_server.url) as pub, \
+                open_websocket_url(url(port_fast)) as fast, \
+                open_websocket_url(url(port_slow)) as frozen:
+            for ws in (fast, frozen):  # alice has a tab on each node
+                await ws.send_message(json.dumps({"type": "subscribe", "thread_id": "t1"}))
+                assert json.loads(await ws.get_message())["type"] == "subscribed"
+            slow.send_signal(signal.SIGSTOP)
+            try:
+                with trio.fail_after(STEP):
+                    for i in range(200):
+                        # Publishing never waits for the frozen node...
+                        await pub.send_to_thread("alice", "t1", thinking(str(i)))
+                        if i % 50 == 49:
+                            # ...and the other node delivers each batch while it is frozen.
+                            assert await thinking_seqs(fast, 50) == list(range(i - 48, i + 2))
+            finally:
+                slow.send_signal(signal.SIGCONT)
+            # Thawed, the frozen node catches up from what Redis buffered for it, in order.
+            with trio.fail_after(STEP):
+                assert await thinking_seqs(frozen, 200) == list(range(1, 201))
+
+
 def test_workers_share_a_port_and_drain_on_sigterm(redis_server: RedisServer) -> None:
     with agentcast_serve("--redis-url", redis_server.url, "--workers", "2") as (parent, port):
         async def health() -> int:
