@@ -13,6 +13,7 @@ import attrs
 import trio
 
 from .._config import Config
+from ._admin import check_admin_token
 from ._auth import DEFAULT_TTL, check_secret, issue_token
 from ._gc import DEFAULT_GC_THRESHOLD, tune_gc
 from ._serve import DEMO_USER, RunningServer, serve
@@ -40,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="0 picks a free port (printed on the first line)")
     run.add_argument("--secret", default=_env("SECRET"),
                      help="HS256 token secret, at least 32 bytes (AGENTCAST_SECRET)")
+    run.add_argument("--admin-token", default=_env("ADMIN_TOKEN"),
+                     help="bearer token, at least 32 bytes, that /stats, /config and /metrics "
+                          "require (AGENTCAST_ADMIN_TOKEN); --demo generates one")
     run.add_argument("--allowed-origin", action="append", dest="allowed_origins",
                      default=[o for o in (_env("ALLOWED_ORIGINS") or "").split(",") if o],
                      help="exact Origin allowed to connect; repeat for several")
@@ -80,6 +84,8 @@ async def _run(settings: ServerSettings) -> None:
             print(f"demo page: {running.url}/  (connects as {DEMO_USER!r})", flush=True)
             token = issue_token(running.secret, DEMO_USER)
             print(f"demo token: {token}", flush=True)
+        if settings.demo and running.admin_token is not None:
+            print(f"admin token: {running.admin_token}", flush=True)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 print(f"agentcast: {signal.Signals(signum).name}, draining", flush=True)
@@ -105,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = ServerSettings(
             host=args.host, port=args.port, secret=args.secret,
+            admin_token=check_admin_token(args.admin_token or None),
             allowed_origins=tuple(args.allowed_origins), demo=args.demo,
             demo_speed=args.demo_speed, max_connections_per_user=args.max_connections_per_user,
             core=attrs.evolve(Config(), max_message_bytes=args.max_message_bytes),

@@ -22,6 +22,7 @@ from .._manager import open_manager
 from .._redis_broker import RedisBroker
 from .._session import MessageHandler, UserSession
 from ..demo import simulated_agent
+from ._admin import check_admin_token
 from ._app import Server
 from ._auth import check_secret, issue_token
 from ._metrics import Metrics
@@ -43,7 +44,10 @@ class RunningServer:
     host: str
     port: int
     #: The secret in use (generated in demo mode when none was given).
-    secret: str
+    secret: str = attrs.field(repr=False)
+    #: The admin token in use (generated in demo mode when none was given); None: admin
+    #: endpoints are off.
+    admin_token: str | None = attrs.field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -88,6 +92,10 @@ async def serve(
             "or --demo for a local demo"
         )
     secret = check_secret(settings.secret or secrets.token_urlsafe(32))
+    admin_token = check_admin_token(settings.admin_token)
+    if admin_token is None and settings.demo:
+        admin_token = secrets.token_urlsafe(32)
+    settings = attrs.evolve(settings, admin_token=admin_token)
     stop = trio.Event() if stop is None else stop
     handler = message_handler
     if handler is None and settings.demo:
@@ -118,7 +126,9 @@ async def serve(
                             handler_nursery=handlers,
                         )
                     )
-                    task_status.started(RunningServer(server, settings.host, port, secret))
+                    task_status.started(
+                        RunningServer(server, settings.host, port, secret, admin_token)
+                    )
                     await stop.wait()
                     server.draining = True
                     accepting.cancel()  # stop accepting; open connections go on

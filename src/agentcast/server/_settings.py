@@ -49,6 +49,9 @@ class ServerSettings:
     handshake_timeout: float = attrs.field(default=HANDSHAKE_TIMEOUT, validator=positive)
     ping_interval: float = attrs.field(default=PING_INTERVAL, validator=positive)
     ping_timeout: float = attrs.field(default=PING_TIMEOUT, validator=positive)
+    #: Bearer token (at least 32 bytes) that ``/stats``, ``/config``, ``/metrics`` and the admin
+    #: actions require; None turns those endpoints off (403). ``demo`` generates one.
+    admin_token: str | None = attrs.field(default=None, repr=False)
     #: ``redis://HOST:PORT/DB`` of the Redis backplane; None runs a single in-memory node.
     redis_url: str | None = None
     #: Bind with SO_REUSEPORT so several worker processes share the port (``--workers``).
@@ -57,7 +60,9 @@ class ServerSettings:
     core: Config = attrs.Factory(Config)
 
     def redacted(self) -> dict[str, Any]:
-        """These settings as JSON-ready data, with the secret replaced by ``"***"``."""
+        """These settings as JSON-ready data, with the secret and admin token replaced by
+        ``"***"``."""
         data = attrs.asdict(self)
         data["secret"] = None if self.secret is None else "***"
+        data["admin_token"] = None if self.admin_token is None else "***"
         return data
