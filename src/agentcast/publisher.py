@@ -9,7 +9,7 @@ runs under ``trio.run`` and under ``asyncio.run`` alike.
 from __future__ import annotations
 
 import types
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, final
 
@@ -17,9 +17,9 @@ import anyio
 import attrs
 
 from ._config import Config
-from ._errors import InvalidEvent, RunEnded
-from ._events import TERMINAL_TYPES, AgentEvent, EventType
+from ._events import AgentEvent
 from ._ids import check_id, new_id
+from ._lifecycle import RunEmitter, decide_terminal, elapsed_ms, started_event
 from ._redis_streams import CONNECT_TIMEOUT, StreamOps, redis_client, redis_errors
 
 if TYPE_CHECKING:
@@ -30,10 +30,11 @@ __all__ = ["PublisherRun", "RedisPublisher"]
 
 @final
 @attrs.define(eq=False, repr=False)
-class PublisherRun:
+class PublisherRun(RunEmitter):
     """A run published through a :class:`RedisPublisher`; made by ``RedisPublisher.run``.
 
-    Set :attr:`result` to what ``agent_completed`` should carry.
+    It emits exactly what a trio ``Run`` emits (the methods come from one shared class). Set
+    :attr:`result` to what ``agent_completed`` should carry.
     """
 
     run_id: str
@@ -46,60 +47,23 @@ class PublisherRun:
     _ended: bool = False
     _scope: anyio.CancelScope = attrs.Factory(anyio.CancelScope)
     _cancel_reason: str | None = None
+    _tools_started: dict[str, float] = attrs.Factory(dict)
 
     def __repr__(self) -> str:
         state = "ended" if self._ended else "active"
         return f"<PublisherRun {self.run_id} thread={self.thread_id!r} {state}>"
 
-    @property
-    def ended(self) -> bool:
-        """True once the terminal event has been published."""
-        return self._ended
+    async def _publish(self, event: AgentEvent) -> int:
+        return await self._publisher.send_to_thread(self.user_id, self.thread_id, event)
+
+    def _now(self) -> float:
+        return anyio.current_time()
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Cancel the run's body; the scope then publishes ``agent_cancelled``."""
         if self._cancel_reason is None:
             self._cancel_reason = reason
         self._scope.cancel()
-
-    async def emit(self, event_type: EventType | str, data: Mapping[str, Any]) -> int:
-        """Publish a non-terminal event of this run; return its seq.
-
-        Raises:
-            InvalidEvent: ``agent_started`` or a terminal type (the scope sends those).
-            RunEnded: the run has ended.
-        """
-        if event_type == EventType.AGENT_STARTED or event_type in TERMINAL_TYPES:
-            raise InvalidEvent(f"{event_type} is emitted by the run scope itself")
-        return await self._emit(AgentEvent(event_type, data, self.run_id))
-
-    async def _emit(self, event: AgentEvent) -> int:
-        if self._ended:
-            raise RunEnded(f"run {self.run_id} has ended; it cannot emit {event.type}")
-        return await self._publisher.send_to_thread(self.user_id, self.thread_id, event)
-
-    async def thinking(self, text: str) -> int:
-        """Publish ``agent_thinking``."""
-        return await self.emit(EventType.AGENT_THINKING, {"text": text})
-
-    async def text(self, delta: str) -> int:
-        """Publish ``agent_text`` (a piece of the streamed answer)."""
-        return await self.emit(EventType.AGENT_TEXT, {"text": delta})
-
-    async def tool_executing(self, tool_name: str, arguments: Mapping[str, Any]) -> int:
-        """Publish ``tool_executing``."""
-        return await self.emit(
-            EventType.TOOL_EXECUTING, {"tool_name": tool_name, "arguments": dict(arguments)}
-        )
-
-    async def tool_completed(
-        self, tool_name: str, result: Any, *, duration_ms: float = 0.0, ok: bool = True
-    ) -> int:
-        """Publish ``tool_completed``."""
-        return await self.emit(
-            EventType.TOOL_COMPLETED,
-            {"tool_name": tool_name, "result": result, "duration_ms": duration_ms, "ok": ok},
-        )
 
 
 @final
@@ -198,52 +162,28 @@ class RedisPublisher:
         timeout = self.config.terminal_event_timeout if terminal_timeout is None else (
             terminal_timeout
         )
+        await run._emit(started_event(run.run_id, agent_name))
         started = anyio.current_time()
-        await run._emit(AgentEvent(EventType.AGENT_STARTED, {"agent_name": agent_name}, run.run_id))
-        terminal: AgentEvent
+        body_error: BaseException | None = None
         try:
             with run._scope:
                 yield run
         except BaseException as exc:
-            terminal = self._terminal_for(run, exc)
+            body_error = exc
             raise
-        else:
-            if run._scope.cancelled_caught:
-                terminal = AgentEvent(
-                    EventType.AGENT_CANCELLED, {"reason": run._cancel_reason or "cancelled"},
-                    run.run_id,
-                )
-            else:
-                duration = round((anyio.current_time() - started) * 1000, 3)
-                terminal = AgentEvent(
-                    EventType.AGENT_COMPLETED, {"result": run.result, "duration_ms": duration},
-                    run.run_id,
-                )
         finally:
+            terminal = decide_terminal(
+                run.run_id, body_error=body_error, cancelled_caught=run._scope.cancelled_caught,
+                cancel_reason=run._cancel_reason, result=run.result,
+                duration_ms=elapsed_ms(started, anyio.current_time()),
+                message_limit=self.config.error_message_limit,
+                cancelled_type=anyio.get_cancelled_exc_class(),
+            )
+            del body_error  # no reference cycle through the traceback
             with anyio.move_on_after(timeout, shield=True):
                 try:
-                    await run._emit(terminal)
+                    await run._emit(terminal.event)
                 finally:
                     run._ended = True
-
-    def _terminal_for(self, run: PublisherRun, exc: BaseException) -> AgentEvent:
-        leaves = list(_leaves(exc))
-        errors = [leaf for leaf in leaves if isinstance(leaf, Exception)]
-        if errors:
-            limit = self.config.error_message_limit
-            return AgentEvent(
-                EventType.AGENT_ERROR,
-                {"error_type": type(errors[0]).__name__, "message": str(errors[0])[:limit]},
-                run.run_id,
-            )
-        cancelled = anyio.get_cancelled_exc_class()
-        reason = (run._cancel_reason or "cancelled") if all(
-            isinstance(leaf, cancelled) for leaf in leaves
-        ) else type(leaves[0]).__name__
-        return AgentEvent(EventType.AGENT_CANCELLED, {"reason": reason}, run.run_id)
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]
+        if terminal.raise_after is not None:
+            raise terminal.raise_after
