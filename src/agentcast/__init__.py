@@ -20,6 +20,9 @@ from ._errors import ManagerNotReady as ManagerNotReady
 from ._errors import ManagerNotRunning as ManagerNotRunning
 from ._errors import RunEnded as RunEnded
 from ._errors import SessionClosed as SessionClosed
+from ._errors import TooManyConnections as TooManyConnections
+from ._errors import TooManyRuns as TooManyRuns
+from ._errors import TooManyThreads as TooManyThreads
 from ._events import AgentEvent as AgentEvent
 from ._events import EventType as EventType
 from ._history import Recovery as Recovery

@@ -20,7 +20,7 @@ import trio
 from ._broker import Broker
 from ._config import Config
 from ._connection import Connection
-from ._errors import ClientError, SessionClosed
+from ._errors import ClientError, SessionClosed, TooManyRuns
 from ._events import AgentEvent
 from ._history import Recovery
 from ._ids import check_id, new_id
@@ -239,6 +239,12 @@ class UserSession:
         run_id = new_id("run") if run_id is None else check_id("run_id", run_id)
         if run_id in self._runs:
             raise ValueError(f"run_id {run_id!r} is already active for user {self.user_id!r}")
+        limit = self.config.max_active_runs_per_user
+        if len(self._runs) >= limit:
+            raise TooManyRuns(
+                f"user {self.user_id!r} already has {limit} active runs "
+                "(Config.max_active_runs_per_user); wait for one to end or cancel one"
+            )
         run = Run(run_id, thread_id, agent_name, self.send_to_thread)
         self._runs[run_id] = run
         self.counters.runs_started += 1
@@ -275,6 +281,7 @@ class UserSession:
         Raises:
             SessionClosed: the session has closed.
             InvalidIdentifier: invalid thread or run id, or the run id is already active.
+            TooManyRuns: the user has ``Config.max_active_runs_per_user`` runs active.
         """
         run = self._register_run(thread_id, run_id, agent_name)
         async with self._scope_of(run) as active:
@@ -292,6 +299,12 @@ class UserSession:
 
         Synchronous like ``nursery.start_soon``. The agent's exception becomes
         ``agent_error`` and is logged; it does not crash the session.
+
+        Raises:
+            SessionClosed: the session has closed.
+            InvalidIdentifier: invalid thread or run id, or the run id is already active.
+            TooManyRuns: the user has ``Config.max_active_runs_per_user`` runs active (a client
+                whose frame made the message handler call this gets ``too_many_runs``).
         """
         name = agent_name or str(getattr(agent_fn, "__name__", "agent"))
         run = self._register_run(thread_id, run_id, name)

@@ -1,0 +1,237 @@
+"""Bounded resources in the core (issue 9): runs per user, frames no reply can crash on,
+connection slots per user, and streams and retained bytes per user and per manager.
+
+Rules: no sockets here (tests/test_server_bounds.py has the real-socket versions), no sleeps
+as synchronisation, ``autojump_clock`` or ``MockClock`` for anything timed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+import orjson
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from trio_websocket import ConnectionClosed
+
+import agentcast
+from agentcast import (
+    ClientError,
+    Config,
+    ConnectionManager,
+    Run,
+    TooManyRuns,
+    UserContext,
+    UserSession,
+)
+from agentcast._protocol import (
+    MAX_FRAME_DEPTH,
+    Ping,
+    ProtocolError,
+    error_frame,
+    parse_client_frame,
+)
+
+from .helpers import connect, thinking
+
+ALICE = UserContext.from_request(user_id="alice")
+MAX_BYTES = 64 * 1024
+
+
+def nested(depth: int) -> str:
+    """A ping whose id nests ``depth`` arrays (the frame object itself is one more level)."""
+    return '{"type": "ping", "id": ' + "[" * depth + "]" * depth + "}"
+
+
+# ---- parse-time depth cap (pure) ------------------------------------------------------------
+
+
+def test_a_frame_at_the_depth_cap_parses_and_its_pong_encodes() -> None:
+    frame = parse_client_frame(nested(MAX_FRAME_DEPTH - 1), max_bytes=MAX_BYTES)
+    assert isinstance(frame, Ping)
+    assert orjson.dumps(frame.id)  # the reply encoder accepts everything the parser lets in
+
+
+@pytest.mark.parametrize("depth", [MAX_FRAME_DEPTH, 300, 1000])
+def test_a_frame_past_the_depth_cap_is_bad_frame(depth: int) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_client_frame(nested(depth), max_bytes=MAX_BYTES)
+    assert info.value.code == "bad_frame"
+    assert info.value.close_code is None  # an error frame; the connection stays usable
+    assert str(MAX_FRAME_DEPTH) in info.value.message
+
+
+def test_many_shallow_brackets_are_not_mistaken_for_depth() -> None:
+    text = json.dumps({"type": "ping", "id": [[1]] * 1000, "s": "[[[[{{{{" * 10})
+    assert isinstance(parse_client_frame(text, max_bytes=MAX_BYTES), Ping)
+
+
+def test_an_error_frame_that_cannot_be_encoded_becomes_bad_frame() -> None:
+    frame = json.loads(error_frame("oops", "echoing \ud800 from the client"))
+    assert frame["type"] == "error"
+    assert frame["code"] == "bad_frame"
+
+
+# ---- runs per user --------------------------------------------------------------------------
+
+
+async def wait_forever(run: Run) -> None:
+    await trio.sleep_forever()
+
+
+async def test_start_run_past_the_limit_raises_too_many_runs(autojump_clock: Any) -> None:
+    config = Config(max_active_runs_per_user=3)
+    async with agentcast.open_manager(config) as manager:
+        session = manager.get_websocket_manager(ALICE)
+        bob = manager.get_websocket_manager(UserContext.from_request(user_id="bob"))
+        run_ids = [session.start_run("t1", wait_forever) for _ in range(3)]
+        with pytest.raises(TooManyRuns, match="max_active_runs_per_user"):
+            session.start_run("t1", wait_forever)
+        with pytest.raises(TooManyRuns):
+            async with session.run("t2"):
+                raise AssertionError("the body of a refused run must not run")
+        # Another user's limit is their own.
+        bob.start_run("t1", wait_forever)
+        # Ending one run frees its place.
+        assert session.cancel_run(run_ids[0])
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(session.active_runs()) == 2
+        session.start_run("t1", wait_forever)
+        assert session.get_stats().runs_started == 4
+        assert issubclass(TooManyRuns, agentcast.AgentcastError)
+
+
+async def test_a_handler_starting_too_many_runs_answers_too_many_runs(
+    autojump_clock: Any,
+) -> None:
+    async def handler(session: UserSession, connection: Any, frame: dict[str, Any]) -> None:
+        await trio.lowlevel.checkpoint()
+        session.start_run(frame["thread_id"], wait_forever)
+
+    config = Config(max_active_runs_per_user=2, inbound_rate=1000.0, inbound_burst=100)
+    async with agentcast.open_manager(config, message_handler=handler) as manager:
+        session = manager.get_websocket_manager(ALICE)
+        client, _ = await connect(session, ("t1",))
+        assert (await client.receive())["type"] == "subscribed"
+        for _ in range(5):
+            await client.send({"type": "user_message", "thread_id": "t1", "text": "hi"})
+        await client.send({"type": "ping", "id": "after"})
+        frames = await client.receive_until("pong")
+        errors = [f for f in frames if f["type"] == "error"]
+        assert [f["code"] for f in errors] == ["too_many_runs"] * 3
+        assert len(session.active_runs()) == 2
+        assert manager.get_stats().session_crashes == 0
+
+
+# ---- no client input raises inside a session ------------------------------------------------
+
+#: Close codes a hostile frame may legitimately end its connection with (docs/protocol.md).
+DOCUMENTED_CLOSES = {1003, 1007, 1008, 1009, 4029}
+#: Frame types that always get exactly one answer (a reply frame or an error frame).
+ANSWERED = {"ping": "pong", "subscribe": "subscribed", "unsubscribe": "unsubscribed"}
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+field_names = st.sampled_from(["id", "thread_id", "since_seq", "epoch", "run_id", "text"])
+frame_types = st.sampled_from(
+    ["ping", "subscribe", "unsubscribe", "cancel_run", "user_message", "other", ""]
+)
+hostile_texts = st.sampled_from([
+    nested(40), nested(600), '{"type": "ping", "id": ' + "9" * 400 + "}",
+    '{"type": "ping", "id": "\\ud800"}', '{"type": "subscribe", "thread_id": "\\udfff"}',
+    '{"type": "ping", "id": NaN}', '{"type": "ping", "id": 1e999}',
+    '{"type": "subscribe", "thread_id": "t1", "since_seq": 18446744073709551615}',
+    '{"type": "subscribe", "thread_id": "t1", "since_seq": -1}',
+    '{"type": "user_message", "thread_id": "t1", "text": "\\u0000"}', "[]", "null", '"x"',
+])
+frames = st.one_of(
+    st.builds(
+        lambda kind, fields: json.dumps({**fields, "type": kind}),
+        frame_types, st.dictionaries(field_names, json_values, max_size=4),
+    ),
+    hostile_texts,
+)
+
+
+async def echo_agent(run: Run, text: str) -> None:
+    await run.text(text)
+
+
+async def start_a_run(session: UserSession, connection: Any, frame: dict[str, Any]) -> None:
+    """Like the demo handler: a run on the client's thread id with the client's text."""
+    await trio.lowlevel.checkpoint()
+    thread_id, text = frame.get("thread_id"), frame.get("text")
+    if not isinstance(text, str):
+        raise ClientError("invalid_field", "text must be a string")
+    session.start_run(thread_id, echo_agent, text)  # type: ignore[arg-type]
+
+
+async def play_frames(texts: list[str]) -> None:
+    config = Config(inbound_rate=1e6, inbound_burst=10_000, max_active_runs_per_user=4)
+    async with agentcast.open_manager(config, message_handler=start_a_run) as manager:
+        session = manager.get_websocket_manager(ALICE)
+        client, connection = await connect(session, capacity=1024)
+        for number, text in enumerate(texts):
+            await client.send(text)
+            await client.send({"type": "ping", "id": f"sentinel-{number}"})
+            try:
+                replies = await client.receive_until("pong")
+                while replies[-1].get("id") != f"sentinel-{number}":
+                    replies += await client.receive_until("pong")
+            except ConnectionClosed:
+                await connection.wait_closed()
+                assert connection.close_code in DOCUMENTED_CLOSES, (text, connection.close_code)
+                break
+            answers = [f for f in replies[:-1] if f["type"] in {"pong", "subscribed",
+                                                                "unsubscribed", "error"}]
+            try:
+                kind = json.loads(text).get("type")
+            except (ValueError, AttributeError):
+                kind = None
+            if kind in ANSWERED:
+                assert len(answers) == 1, (text, replies)
+                assert answers[0]["type"] in {ANSWERED[kind], "error"}
+        stats = manager.get_stats()
+        assert stats.session_crashes == 0
+        assert not session.closed
+
+
+@settings(deadline=None, max_examples=150)
+@given(texts=st.lists(frames, min_size=1, max_size=8))
+def test_no_client_frame_crashes_the_session(texts: list[str]) -> None:
+    trio.run(play_frames, texts, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def test_a_deeply_nested_ping_gets_bad_frame_and_the_session_lives(
+    manager: ConnectionManager,
+) -> None:
+    session = manager.get_websocket_manager(ALICE)
+    client, _ = await connect(session, ("t1",))
+    other, _ = await connect(session, ("t1",))
+    assert (await client.receive())["type"] == (await other.receive())["type"] == "subscribed"
+    await client.send(nested(600))
+    error = await client.receive()
+    assert (error["type"], error["code"]) == ("error", "bad_frame")
+    seq = await session.send_to_thread("t1", thinking("still here"))
+    assert (await client.receive())["seq"] == (await other.receive())["seq"] == seq
+    assert manager.get_stats().session_crashes == 0
+
+
+def test_config_names_the_new_limits() -> None:
+    config = Config()
+    assert config.max_active_runs_per_user == 8
+    assert config.max_connections_per_user is None
+    with pytest.raises(ValueError, match="max_active_runs_per_user"):
+        attrs.evolve(config, max_active_runs_per_user=0)
+    with pytest.raises(ValueError, match="max_connections_per_user"):
+        attrs.evolve(config, max_connections_per_user=0)
+
