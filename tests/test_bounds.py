@@ -25,6 +25,7 @@ from agentcast import (
     Config,
     ConnectionManager,
     Run,
+    TooManyConnections,
     TooManyRuns,
     UserContext,
     UserSession,
@@ -36,6 +37,7 @@ from agentcast._protocol import (
     error_frame,
     parse_client_frame,
 )
+from agentcast.testing import MemoryTransport
 
 from .helpers import connect, thinking
 
@@ -235,3 +237,65 @@ def test_config_names_the_new_limits() -> None:
     with pytest.raises(ValueError, match="max_connections_per_user"):
         attrs.evolve(config, max_connections_per_user=0)
 
+
+
+# ---- connection slots per user (embedders get the server's limit) -------------------------
+
+
+async def test_reserved_slots_count_against_the_limit_and_come_back() -> None:
+    config = Config(max_connections_per_user=2, session_linger=5.0)
+    async with agentcast.open_manager(config) as manager:
+        session = manager.get_websocket_manager(ALICE)
+        first = session.reserve_connection()
+        second = session.reserve_connection()
+        with pytest.raises(TooManyConnections, match="max_connections_per_user"):
+            session.reserve_connection()
+        with pytest.raises(TooManyConnections):
+            await connect(session)  # add_connection without a slot reserves one itself
+        assert session.get_stats().reserved_connections == 2
+        server, _ = MemoryTransport.pair()
+        connection = await session.add_connection(server, slot=first)
+        stats = session.get_stats()
+        assert (stats.connections, stats.reserved_connections) == (1, 1)
+        with pytest.raises(ValueError, match="not a reserved slot"):
+            await session.add_connection(MemoryTransport.pair()[0], slot=first)
+        second.release()
+        second.release()  # idempotent
+        assert session.get_stats().reserved_connections == 0
+        await connect(session)
+        with pytest.raises(TooManyConnections):
+            session.reserve_connection()
+        await session.remove_connection(connection.connection_id)
+        session.reserve_connection().release()
+
+
+async def test_a_slot_is_released_when_add_connection_fails_or_is_cancelled() -> None:
+    config = Config(max_connections_per_user=1, session_linger=5.0)
+    async with agentcast.open_manager(config) as manager:
+        # A fresh session: add_connection waits for its nursery, and is cancelled there.
+        session = manager.get_websocket_manager(ALICE)
+        slot = session.reserve_connection()
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await session.add_connection(MemoryTransport.pair()[0], slot=slot)
+        assert not slot.reserved
+        assert session.get_stats().reserved_connections == 0
+        # A bad thread id fails before anything is registered; the slot comes back too.
+        slot = session.reserve_connection()
+        with pytest.raises(agentcast.InvalidIdentifier):
+            await session.add_connection(MemoryTransport.pair()[0], threads=["bad id"], slot=slot)
+        assert session.get_stats().reserved_connections == 0
+        await connect(session)  # the single place is free
+
+
+async def test_a_reserved_slot_keeps_the_session_from_lingering_out(
+    autojump_clock: Any,
+) -> None:
+    config = Config(max_connections_per_user=3, session_linger=1.0)
+    async with agentcast.open_manager(config) as manager:
+        session = manager.get_websocket_manager(ALICE)
+        slot = session.reserve_connection()
+        await trio.sleep(10 * config.session_linger)
+        assert not session.closed
+        await session.add_connection(MemoryTransport.pair()[0], slot=slot)
+        assert session.get_stats().connections == 1

@@ -35,6 +35,7 @@ from ._protocol import CloseCode as CloseCode
 from ._redis_broker import RedisBroker as RedisBroker
 from ._run import Run as Run
 from ._session import AgentFunction as AgentFunction
+from ._session import ConnectionSlot as ConnectionSlot
 from ._session import MessageHandler as MessageHandler
 from ._session import UserSession as UserSession
 from ._stats import ManagerStats as ManagerStats

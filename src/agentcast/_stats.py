@@ -52,6 +52,9 @@ class SessionStats:
     user_id: str
     #: Open connections (each owns one bounded send channel).
     connections: int
+    #: Connection slots reserved for handshakes in flight (``reserve_connection``), not yet
+    #: connections; counted with ``connections`` against ``Config.max_connections_per_user``.
+    reserved_connections: int
     #: Send channels still open; equals ``connections`` unless one is closing.
     open_channels: int
     #: Thread subscriptions summed over connections.
