@@ -7,7 +7,10 @@ as synchronisation, ``autojump_clock`` or ``MockClock`` for anything timed.
 
 from __future__ import annotations
 
+import gc
 import json
+import time
+import tracemalloc
 from typing import Any
 
 import attrs
@@ -21,15 +24,20 @@ from trio_websocket import ConnectionClosed
 
 import agentcast
 from agentcast import (
+    AgentEvent,
     ClientError,
     Config,
     ConnectionManager,
+    EventType,
+    InMemoryBroker,
     Run,
     TooManyConnections,
     TooManyRuns,
+    TooManyThreads,
     UserContext,
     UserSession,
 )
+from agentcast._events import encode_envelope
 from agentcast._protocol import (
     MAX_FRAME_DEPTH,
     Ping,
@@ -299,3 +307,173 @@ async def test_a_reserved_slot_keeps_the_session_from_lingering_out(
         assert not session.closed
         await session.add_connection(MemoryTransport.pair()[0], slot=slot)
         assert session.get_stats().connections == 1
+
+
+# ---- streams per user and retained bytes (in-memory broker) --------------------------------
+
+
+@attrs.define
+class UsageSink:
+    """An EventSink whose "in use" threads the test decides."""
+
+    in_use: set[tuple[str, str]] = attrs.Factory(set)
+
+    def deliver_thread(self, user_id: str, thread_id: str, seq: int, frame: str) -> None:
+        pass
+
+    def deliver_user(self, user_id: str, frame: str) -> None:
+        pass
+
+    def deliver_all(self, frame: str) -> None:
+        pass
+
+    def holds_user(self, user_id: str) -> bool:
+        return True
+
+    def holds_thread(self, user_id: str, thread_id: str) -> bool:
+        return (user_id, thread_id) in self.in_use
+
+    def reset_connections(self, reason: str) -> None:
+        pass
+
+
+def text_event(size: int = 100) -> AgentEvent:
+    return AgentEvent(EventType.AGENT_TEXT, {"text": "x" * size})
+
+
+async def test_a_new_stream_at_the_cap_evicts_the_least_recently_used_idle_one() -> None:
+    broker = InMemoryBroker(Config(max_threads_per_user=3))
+    sink = UsageSink(in_use={("alice", "t0")})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(broker.serve, sink)
+        for n in range(3):
+            await broker.publish("alice", f"t{n}", text_event())
+        old_t1 = await broker.recover("alice", "t1", 1, None)
+        await broker.publish("alice", "t1", text_event())  # t1 is now newer than t2
+        await broker.publish("bob", "t0", text_event())  # another user's streams are apart
+        await broker.recover("alice", "new", None, None)
+        assert broker.statistics().streams == 4
+        # t0 is in use and t1 was used after t2: t2 went.
+        assert (await broker.recover("alice", "t0", 0, None)).recovered
+        assert (await broker.recover("alice", "t1", 0, None)).recovered
+        gone = await broker.recover("alice", "t2", 1, None)  # evicts the next idle one
+        assert (gone.recovered, gone.latest_seq) == (False, 0)
+        assert (await broker.recover("alice", "t1", 2, old_t1.epoch)).recovered
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_subscribe_at_the_cap_with_every_stream_in_use_creates_nothing() -> None:
+    broker = InMemoryBroker(Config(max_threads_per_user=2))
+    sink = UsageSink(in_use={("alice", "t0"), ("alice", "t1")})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(broker.serve, sink)
+        await broker.recover("alice", "t0", None, None)
+        await broker.recover("alice", "t1", None, None)
+        with pytest.raises(TooManyThreads, match="max_threads_per_user"):
+            await broker.recover("alice", "t2", None, None)
+        assert broker.statistics().streams == 2
+        # A run's publish is never refused (it must be able to send its terminal event).
+        assert await broker.publish("alice", "t2", text_event()) == 1
+        assert broker.statistics().streams == 3
+        # Once a stream is free again, the next new one replaces it: back at the cap.
+        sink.in_use = {("alice", "t0")}
+        await broker.recover("alice", "t3", None, None)
+        assert broker.statistics().streams == 3
+        await broker.recover("alice", "t4", None, None)
+        assert broker.statistics().streams == 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_past_the_byte_budget_the_least_recently_used_stream_loses_its_oldest() -> None:
+    one = len(encode_envelope(text_event(), thread_id="a", seq=1, ts=time.time()))
+    budget = 10 * one + one // 2
+    broker = InMemoryBroker(Config(max_retained_bytes=budget))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(broker.serve, UsageSink())
+        for _ in range(6):
+            await broker.publish("alice", "a", text_event())
+        epoch = (await broker.recover("alice", "a", 6, None)).epoch
+        for _ in range(6):
+            await broker.publish("alice", "b", text_event())
+        stats = broker.statistics()
+        assert stats.retained_bytes <= budget
+        assert stats.retained_events == 10
+        # "a" was used least recently: its two oldest events went, never a partial replay.
+        assert not (await broker.recover("alice", "a", 0, epoch)).recovered
+        replay = await broker.recover("alice", "a", 2, epoch)
+        assert replay.recovered
+        assert [json.loads(f)["seq"] for f in replay.frames] == [3, 4, 5, 6]
+        # "b" was used last: it kept everything.
+        assert len((await broker.recover("alice", "b", 0, None)).frames) == 6
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_subscribe_past_the_users_thread_cap_gets_too_many_threads() -> None:
+    config = Config(max_threads_per_user=3, session_linger=5.0)
+    async with agentcast.open_manager(config) as manager:
+        session = manager.get_websocket_manager(ALICE)
+        client, connection = await connect(session, ("t0", "t1", "t2"))
+        for _ in range(3):
+            assert (await client.receive())["type"] == "subscribed"
+        await client.send({"type": "subscribe", "thread_id": "t3"})
+        error = await client.receive()
+        assert (error["type"], error["code"]) == ("error", "too_many_threads")
+        assert connection.threads == {"t0", "t1", "t2"}
+        assert not session.holds_thread("t3")
+        assert manager.get_stats().broker_streams == 3
+        # Unsubscribing frees one: the next new thread takes its place.
+        await client.send({"type": "unsubscribe", "thread_id": "t0"})
+        assert (await client.receive())["type"] == "unsubscribed"
+        await client.send({"type": "subscribe", "thread_id": "t3"})
+        assert (await client.receive())["type"] == "subscribed"
+        assert manager.get_stats().broker_streams == 3
+
+
+async def test_one_user_subscribing_to_thousands_of_threads_stays_bounded() -> None:
+    """FAULTS.md row 25: reconnecting resets max_subscriptions, so only the per-user stream
+    cap and the byte budget bound this; memory stays flat (a generous bound, no timing)."""
+    cap, budget, per_connection = 200, 300_000, 50
+    config = Config(
+        max_threads_per_user=cap, max_retained_bytes=budget, max_subscriptions=per_connection,
+        inbound_rate=1e6, inbound_burst=10_000, session_linger=5.0,
+    )
+    async with agentcast.open_manager(config) as manager:
+        session = manager.get_websocket_manager(ALICE)
+        bystander = manager.get_websocket_manager(UserContext.from_request(user_id="bob"))
+        watcher, _ = await connect(bystander, ("t1",))
+        assert (await watcher.receive())["type"] == "subscribed"
+        names = iter(range(10**9))
+
+        async def one_round() -> None:
+            client, connection = await connect(session, capacity=1024)
+            for _ in range(per_connection):
+                thread_id = f"t-{next(names)}"
+                await client.send({"type": "subscribe", "thread_id": thread_id})
+                assert (await client.receive())["type"] == "subscribed"
+                # The server answers on each thread (like a run would): retained bytes.
+                await session.send_to_thread(thread_id, text_event(400))
+                assert (await client.receive())["thread_id"] == thread_id
+            await session.remove_connection(connection.connection_id)
+            stats = manager.get_stats()
+            assert stats.broker_streams <= cap + 1  # bob's stream
+            assert stats.broker_retained_bytes <= budget
+
+        tracemalloc.start()
+        try:
+            for _ in range(10):  # warm up: the caps are reached
+                await one_round()
+            gc.collect()
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(60):  # 3 000 more new thread ids
+                await one_round()
+            gc.collect()
+            after = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        # Unbounded, 3 000 streams with a 400-byte event each grow by several MB.
+        assert after - before < 1_000_000, after - before
+        stats = manager.get_stats()
+        assert stats.broker_streams == cap + 1
+        assert stats.per_user["alice"].connections == 0
+        seq = await bystander.send_to_thread("t1", thinking("bob is fine"))
+        assert (await watcher.receive())["seq"] == seq

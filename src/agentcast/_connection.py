@@ -24,6 +24,7 @@ from ._errors import (
     InvalidEvent,
     InvalidIdentifier,
     TooManyRuns,
+    TooManyThreads,
 )
 from ._history import Recovery
 from ._latency import DeliveryLatency
@@ -520,6 +521,14 @@ class Connection:
         except BrokerUnavailable as exc:
             # Scale-out mode with Redis down: nothing to replay from; the client retries.
             self.close(CloseCode.SERVICE_RESTART, str(exc))
+            return
+        except TooManyThreads as exc:
+            # The user's streams are all in use: nothing was created; undo the route.
+            if self._subs.get(thread_id, -1) is None:
+                del self._subs[thread_id]
+                self._held.pop(thread_id, None)
+                self._owner.index_unsubscribe(thread_id, self)
+            self._refuse(ProtocolError("too_many_threads", str(exc)))
             return
         held = self._held.pop(thread_id, [])
         if self._subs.get(thread_id, -1) is not None:

@@ -433,6 +433,13 @@ class UserSession:
         """
         return await self._broker.recover(self.user_id, thread_id, since_seq, epoch)
 
+    def holds_thread(self, thread_id: str) -> bool:
+        """Whether a connection of this user is subscribed to the thread or a run writes to
+        it (the broker keeps such a stream's epoch and seq)."""
+        return thread_id in self._routes or any(
+            run.thread_id == thread_id for run in self._runs.values()
+        )
+
     def index_subscribe(self, thread_id: str, connection: Connection) -> None:
         """Route the thread's events to ``connection``."""
         self._routes.setdefault(thread_id, {})[connection] = None

@@ -123,6 +123,9 @@ class ManagerStats:
     broker_streams: int
     #: Events the broker retains for resume.
     broker_retained_events: int
+    #: Characters (bytes, for ASCII JSON) of those events, bounded by
+    #: ``Config.max_retained_bytes`` (0 with Redis, where Redis holds them).
+    broker_retained_bytes: int
     #: Publish-to-written latency of live events (see ``agentcast._latency``).
     delivery_latency: LatencySnapshot
     #: Per-user snapshots, keyed by user id.
