@@ -14,6 +14,7 @@ import tracemalloc
 from typing import Any
 
 import attrs
+import coredis
 import orjson
 import pytest
 import trio
@@ -30,6 +31,7 @@ from agentcast import (
     ConnectionManager,
     EventType,
     InMemoryBroker,
+    RedisBroker,
     Run,
     TooManyConnections,
     TooManyRuns,
@@ -48,6 +50,7 @@ from agentcast._protocol import (
 from agentcast.testing import MemoryTransport
 
 from .helpers import connect, thinking
+from .redis_server import RedisServer
 
 ALICE = UserContext.from_request(user_id="alice")
 MAX_BYTES = 64 * 1024
@@ -477,3 +480,41 @@ async def test_one_user_subscribing_to_thousands_of_threads_stays_bounded() -> N
         assert stats.per_user["alice"].connections == 0
         seq = await bystander.send_to_thread("t1", thinking("bob is fine"))
         assert (await watcher.receive())["seq"] == seq
+
+
+# ---- the Redis broker bounds the keys a subscribe creates ----------------------------------
+
+
+async def test_redis_subscribes_past_the_users_thread_cap_create_no_keys(
+    redis_server: RedisServer,
+) -> None:
+    cap = 5
+    config = Config(max_threads_per_user=cap, session_linger=0.2)
+    with trio.fail_after(30):
+        async with agentcast.open_manager(
+            config, broker=RedisBroker(redis_server.url, config)
+        ) as manager:
+            session = manager.get_websocket_manager(ALICE)
+            for round_number in range(4):  # reconnecting resets max_subscriptions
+                client, connection = await connect(session)
+                for n in range(cap):
+                    thread_id = f"t-{round_number}-{n}"
+                    await client.send({"type": "subscribe", "thread_id": thread_id})
+                    frame = await client.receive()
+                    expected = "subscribed" if round_number == 0 else "error"
+                    assert frame["type"] == expected, frame
+                    if expected == "error":
+                        assert frame["code"] == "too_many_threads"
+                await session.remove_connection(connection.connection_id)
+            # A thread already known is still subscribable; a publish is never refused.
+            client, _ = await connect(session, ("t-0-0",))
+            assert (await client.receive())["recovered"] is False
+            assert await session.send_to_thread("t-0-1", thinking("still works")) == 1
+            bob = manager.get_websocket_manager(UserContext.from_request(user_id="bob"))
+            bob_client, _ = await connect(bob, ("t-9",))
+            assert (await bob_client.receive())["type"] == "subscribed"
+        async with coredis.Redis.from_url(redis_server.url, decode_responses=True) as admin:
+            metas = [key async for key in admin.scan_iter(match="agentcast:{alice}:t:*:meta")]
+            assert len(metas) == cap
+            assert await admin.zcard("agentcast:{alice}:threads") == cap
+            assert 0 < await admin.ttl("agentcast:{alice}:threads") <= config.history_ttl + 86400
