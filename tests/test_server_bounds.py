@@ -5,10 +5,12 @@ connection counted, no connection slot reserved, no connection task left, fds ba
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import os
 import socket
 import struct
+import tracemalloc
 from collections.abc import AsyncIterator
 
 import pytest
@@ -23,12 +25,15 @@ from .rawws import TEXT, encode_frame
 from .test_server_faults import SECRET, Bystander, Fixture, open_fds, read_json
 
 LIMIT = 10
+THREADS_CAP = 100
+BYTES_BUDGET = 200_000
 SETTINGS = ServerSettings(
     port=0, secret=SECRET, demo=True, demo_speed=2.0, handshake_timeout=2.0,
     ping_interval=5.0, ping_timeout=5.0, max_connections_per_user=LIMIT,
     core=Config(
         send_queue_size=256, write_timeout=1.0, close_timeout=1.0, shutdown_timeout=2.0,
-        inbound_rate=200.0, inbound_burst=100,
+        inbound_rate=200.0, inbound_burst=100, max_threads_per_user=THREADS_CAP,
+        max_retained_bytes=BYTES_BUDGET,
     ),
 )
 
@@ -213,3 +218,47 @@ async def test_a_deeply_nested_ping_gets_bad_frame_and_no_tab_is_closed(
         assert await read_json(first) == {"type": "pong", "id": 1}
     assert fixture.manager.get_stats().session_crashes == 0
 
+
+
+# ---- one user subscribing to ever new thread ids (row 25) ------------------------------
+
+
+async def test_ever_new_thread_ids_over_reconnects_keep_streams_and_bytes_at_the_cap(
+    fixture: Fixture, bystander: Bystander
+) -> None:
+    per_connection = 25
+    names = iter(range(10**9))
+
+    async def one_round() -> None:
+        client = await fixture.raw("alice")
+        for _ in range(per_connection):
+            thread_id = f"t-{next(names)}"
+            assert (await fixture.subscribe_raw(client, thread_id))["type"] == "subscribed"
+            await fixture.publish("alice", thread_id, 1, size=4000)  # what a run would write
+            assert (await read_json(client))["thread_id"] == thread_id
+        fixture.clients.remove(client)
+        await client.aclose()
+        await fixture.gone("alice")
+        stats = fixture.manager.get_stats()
+        assert stats.broker_streams <= THREADS_CAP + 1  # and the bystander's
+        assert stats.broker_retained_bytes <= BYTES_BUDGET
+
+    with trio.fail_after(60):
+        tracemalloc.start()
+        try:
+            for _ in range(8):  # warm up: 200 thread ids, past the cap
+                await one_round()
+            gc.collect()
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(40):  # 1 000 more, with a 4 KB event each
+                await one_round()
+            gc.collect()
+            after = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+    # Unbounded, 1 000 streams of a 4 KB event each would hold over 4 MB more.
+    assert after - before < 1_500_000, after - before
+    stats = fixture.manager.get_stats()
+    # 4 KB events: the byte budget binds first (emptied idle streams are forgotten with it).
+    assert stats.broker_streams <= THREADS_CAP + 1
+    assert BYTES_BUDGET - 5000 < stats.broker_retained_bytes <= BYTES_BUDGET
