@@ -31,6 +31,7 @@ CONTRACT = [
     "UserContext", "InvalidUserContext", "open_manager", "get_websocket_manager",
     "get_websocket_manager_async", "ManagerNotRunning", "AgentEvent", "EventType", "Config",
     "ConnectionManager", "UserSession", "RedisBroker", "RedisPublisher",
+    "TooManyRuns", "TooManyConnections", "TooManyThreads",
 ]
 
 

@@ -262,6 +262,8 @@ def test_recovery_is_complete_or_empty(
 @attrs.define
 class RecordingSink:
     held_users: set[str] = attrs.Factory(set)
+    #: (user, thread) pairs a connection or run uses.
+    held_threads: set[tuple[str, str]] = attrs.Factory(set)
     delivered: list[tuple[str, str, int, str]] = attrs.Factory(list)
 
     def deliver_thread(self, user_id: str, thread_id: str, seq: int, frame: str) -> None:
@@ -275,6 +277,9 @@ class RecordingSink:
 
     def holds_user(self, user_id: str) -> bool:
         return user_id in self.held_users
+
+    def holds_thread(self, user_id: str, thread_id: str) -> bool:
+        return (user_id, thread_id) in self.held_threads
 
 
 async def test_sweep_forgets_idle_empty_streams_with_a_new_epoch() -> None:
@@ -314,12 +319,13 @@ async def test_sweep_forgets_streams_whose_events_expired_and_restarts_seqs() ->
         nursery.cancel_scope.cancel()
 
 
-async def test_sweep_keeps_streams_of_users_with_a_live_session() -> None:
+async def test_sweep_keeps_streams_in_use_and_forgets_a_live_sessions_idle_ones() -> None:
     broker = InMemoryBroker(Config(history_ttl=10.0))
-    sink = RecordingSink(held_users={"alice"})
+    sink = RecordingSink(held_users={"alice"}, held_threads={("alice", "t1")})
     async with trio.open_nursery() as nursery:
         await nursery.start(broker.serve, sink)
         alice = await broker.recover("alice", "t1", None, None)
+        await broker.recover("alice", "t2", None, None)  # alice is online, t2 unused
         await broker.recover("bob", "t1", None, None)
         broker.sweep(trio.current_time() + 100.0)
         assert broker.statistics().streams == 1

@@ -20,6 +20,9 @@ from ._errors import ManagerNotReady as ManagerNotReady
 from ._errors import ManagerNotRunning as ManagerNotRunning
 from ._errors import RunEnded as RunEnded
 from ._errors import SessionClosed as SessionClosed
+from ._errors import TooManyConnections as TooManyConnections
+from ._errors import TooManyRuns as TooManyRuns
+from ._errors import TooManyThreads as TooManyThreads
 from ._events import AgentEvent as AgentEvent
 from ._events import EventType as EventType
 from ._history import Recovery as Recovery
@@ -32,6 +35,7 @@ from ._protocol import CloseCode as CloseCode
 from ._redis_broker import RedisBroker as RedisBroker
 from ._run import Run as Run
 from ._session import AgentFunction as AgentFunction
+from ._session import ConnectionSlot as ConnectionSlot
 from ._session import MessageHandler as MessageHandler
 from ._session import UserSession as UserSession
 from ._stats import ManagerStats as ManagerStats

@@ -13,6 +13,7 @@ import attrs
 import trio
 
 from ._config import Config
+from ._errors import TooManyThreads
 from ._events import AgentEvent, encode_envelope
 from ._history import Recovery, ThreadHistory
 
@@ -34,6 +35,10 @@ class EventSink(Protocol):
     def holds_user(self, user_id: str) -> bool:
         """True while this node has a live session for ``user_id`` (its streams stay put)."""
 
+    def holds_thread(self, user_id: str, thread_id: str) -> bool:
+        """True while a connection here is subscribed to (user, thread) or a run writes to it:
+        such a stream must keep its epoch and seq, so it is never forgotten or evicted."""
+
     def reset_connections(self, reason: str) -> None:
         """The broker lost events it cannot replay live (its backend went away): close every
         connection on this node with 1012 so clients resume with ``since_seq``."""
@@ -51,6 +56,9 @@ class BrokerStats:
     ready: bool
     #: Why it is not ready (e.g. "redis unavailable at ..."); empty when ready.
     reason: str = ""
+    #: Characters (bytes, for ASCII JSON) of the retained events; 0 when the broker does not
+    #: hold them in this process (Redis).
+    retained_bytes: int = 0
 
 
 class Broker(Protocol):
@@ -72,7 +80,12 @@ class Broker(Protocol):
     async def recover(
         self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None
     ) -> Recovery:
-        """The (user, thread) events after ``since_seq``; see ``ThreadHistory.recover``."""
+        """The (user, thread) events after ``since_seq``; see ``ThreadHistory.recover``.
+
+        Raises:
+            TooManyThreads: the stream is new and the user already holds
+                ``Config.max_threads_per_user`` streams that are all in use.
+        """
 
     async def attach_user(self, user_id: str) -> None:
         """A session for ``user_id`` opened on this node: from when this returns, every event
@@ -90,12 +103,28 @@ class InMemoryBroker:
     """The single-process broker: histories in a dict, delivery by a direct call.
 
     Publishing never yields, so the seq order, the history order and the delivery order are the
-    same by construction. Idle streams are forgotten ``history_ttl`` after their last event.
+    same by construction. Bounds (docs/protocol.md, "Limits"):
+
+    - Streams per user: at most ``Config.max_threads_per_user``. A new stream past it first
+      evicts the user's least recently used stream that is not in use (no subscribed connection
+      here, no run writing to it); if all are in use, a subscribe raises ``TooManyThreads``
+      and nothing is created, while a publish still creates its stream (only runs and
+      subscriptions hold streams in use, and both are capped).
+    - Retained bytes over all streams: at most ``Config.max_retained_bytes``. Past it, the
+      stream used least recently loses its oldest events first.
+    - Idle streams: forgotten ``history_ttl`` after their last use once nothing is retained,
+      unless in use; live sessions' idle streams included.
     """
 
     config: Config
     _streams: dict[tuple[str, str], ThreadHistory] = attrs.field(factory=dict)
+    #: Last use (publish or recover) of each stream; insertion order is least recently used
+    #: first (a use moves the key to the end).
     _last_used: dict[tuple[str, str], float] = attrs.field(factory=dict)
+    #: user -> that user's thread ids, least recently used first (for eviction at the cap).
+    _user_threads: dict[str, dict[str, None]] = attrs.field(factory=dict)
+    #: Sum of ``retained_bytes`` over all streams.
+    _retained_bytes: int = 0
     _sink: EventSink | None = None
 
     async def serve(self, sink: EventSink, *, task_status: trio.TaskStatus[None]) -> None:
@@ -107,31 +136,93 @@ class InMemoryBroker:
             await trio.sleep(interval)
             self.sweep(trio.current_time())
 
-    def sweep(self, now: float) -> None:
-        """Forget streams with nothing retained, no event for ``history_ttl`` seconds, and no
-        live session: forgetting restarts the seq under a new epoch, which must never happen
-        to a stream someone is subscribed to or a run is still writing to."""
-        horizon = now - self.config.history_ttl
+    def _in_use(self, user_id: str, thread_id: str) -> bool:
         sink = self._sink
-        for key in [key for key, used in self._last_used.items() if used < horizon]:
-            if sink is not None and sink.holds_user(key[0]):
-                continue
-            stream = self._streams[key]
-            stream.prune(now)
-            if not len(stream):
-                del self._streams[key], self._last_used[key]
+        return sink is not None and sink.holds_thread(user_id, thread_id)
 
-    def _stream(self, user_id: str, thread_id: str, now: float) -> ThreadHistory:
+    def sweep(self, now: float) -> None:
+        """Forget streams not in use with nothing retained and no use for ``history_ttl``.
+
+        Forgetting restarts the seq under a new epoch, so it never happens to a stream a
+        connection is subscribed to or a run writes to; a live session's other streams go
+        too. A client that later resumes a forgotten stream names the old epoch and is told
+        ``recovered: false``: never a partial replay. (A stream that never had an event could
+        go at once, but keeping it lets a reloaded page resume it with ``recovered: true``; the
+        per-user cap bounds how many there are.)
+        """
+        horizon = now - self.config.history_ttl
+        for key, used in list(self._last_used.items()):
+            if used >= horizon:
+                break  # least recently used first: the rest are younger
+            stream = self._streams[key]
+            self._prune(stream, now)
+            if not len(stream) and not self._in_use(*key):
+                self._forget(key)
+
+    def _prune(self, stream: ThreadHistory, now: float) -> None:
+        before = stream.retained_bytes
+        stream.prune(now)
+        self._retained_bytes += stream.retained_bytes - before
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        user_id, thread_id = key
+        stream = self._streams.pop(key)
+        self._retained_bytes -= stream.retained_bytes
+        del self._last_used[key]
+        threads = self._user_threads[user_id]
+        del threads[thread_id]
+        if not threads:
+            del self._user_threads[user_id]
+
+    def _evict_idle(self, user_id: str, threads: dict[str, None]) -> bool:
+        """Forget the user's least recently used stream not in use; False if all are."""
+        for thread_id in threads:
+            if not self._in_use(user_id, thread_id):
+                self._forget((user_id, thread_id))
+                return True
+        return False
+
+    def _stream(
+        self, user_id: str, thread_id: str, now: float, *, subscribing: bool = False
+    ) -> ThreadHistory:
         # A stream is created on first publish *or* first subscribe, so the epoch a subscriber
         # is told stays the epoch of the events that follow.
         key = (user_id, thread_id)
         stream = self._streams.get(key)
         if stream is None:
+            threads = self._user_threads.get(user_id, {})
+            limit = self.config.max_threads_per_user
+            if len(threads) >= limit and not self._evict_idle(user_id, threads) and subscribing:
+                raise TooManyThreads(
+                    f"user {user_id!r} already uses {limit} threads "
+                    "(Config.max_threads_per_user); unsubscribe from one first"
+                )
             stream = self._streams[key] = ThreadHistory(
                 self.config.history_size, self.config.history_ttl
             )
+        else:
+            del self._last_used[key], self._user_threads[user_id][thread_id]
         self._last_used[key] = now
+        self._user_threads.setdefault(user_id, {})[thread_id] = None
         return stream
+
+    def _trim(self, now: float) -> None:
+        """Drop retained events, least recently used stream first, until within
+        ``max_retained_bytes``; emptied streams not in use are forgotten."""
+        budget = self.config.max_retained_bytes
+        while self._retained_bytes > budget:
+            key = next(iter(self._last_used))
+            stream = self._streams[key]
+            if not len(stream):
+                if self._in_use(*key):
+                    del self._last_used[key]  # in use, nothing to drop: count it as used now
+                    self._last_used[key] = now
+                else:
+                    self._forget(key)
+                continue
+            before = stream.retained_bytes
+            stream.drop_oldest()
+            self._retained_bytes += stream.retained_bytes - before
 
     def _require_sink(self) -> EventSink:
         if self._sink is None:
@@ -145,7 +236,11 @@ class InMemoryBroker:
         stream = self._stream(user_id, thread_id, now)
         seq = stream.next_seq()
         frame = encode_envelope(event, thread_id=thread_id, seq=seq, ts=time.time())
+        before = stream.retained_bytes
         stream.append(seq, frame, now)
+        self._retained_bytes += stream.retained_bytes - before
+        if self._retained_bytes > self.config.max_retained_bytes:
+            self._trim(now)
         sink.deliver_thread(user_id, thread_id, seq, frame)
         return seq
 
@@ -162,9 +257,15 @@ class InMemoryBroker:
     async def recover(
         self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None
     ) -> Recovery:
-        """Answer from the retained history; a stream never seen starts at seq 0."""
+        """Answer from the retained history; a stream never seen starts at seq 0.
+
+        Raises:
+            TooManyThreads: see :meth:`Broker.recover`.
+        """
         now = trio.current_time()
-        return self._stream(user_id, thread_id, now).recover(since_seq, epoch, now)
+        stream = self._stream(user_id, thread_id, now, subscribing=True)
+        self._prune(stream, now)
+        return stream.recover(since_seq, epoch, now)
 
     async def attach_user(self, user_id: str) -> None:
         """Nothing to do: every publish on this node is delivered here."""
@@ -180,5 +281,6 @@ class InMemoryBroker:
             streams=len(self._streams),
             retained_events=sum(len(stream) for stream in self._streams.values()),
             ready=self._sink is not None,
+            retained_bytes=self._retained_bytes,
         )
 

@@ -42,12 +42,24 @@ TERMINAL_EVENT_TIMEOUT: Final = 2.0
 SHUTDOWN_TIMEOUT: Final = 5.0
 #: Characters of an agent's exception message carried by ``agent_error``.
 ERROR_MESSAGE_LIMIT: Final = 500
+#: Streams (threads with a seq counter and history) one user may hold in the broker.
+MAX_THREADS_PER_USER: Final = 1000
+#: Characters (bytes, for the ASCII JSON agentcast writes) of encoded events the in-memory
+#: broker retains for resume, over all streams.
+MAX_RETAINED_BYTES: Final = 256 * 1024 * 1024
+#: Runs one user may have active at once.
+MAX_ACTIVE_RUNS_PER_USER: Final = 8
 
 
 def positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     """attrs validator: the field must be greater than zero."""
     if not value > 0:
         raise ValueError(f"{type(instance).__name__}.{attribute.name} must be > 0, got {value!r}")
+
+
+def _positive_or_none(instance: object, attribute: attrs.Attribute[Any], value: int | None) -> None:
+    if value is not None:
+        positive(instance, attribute, value)
 
 
 def _non_negative(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -99,3 +111,19 @@ class Config:
     shutdown_timeout: float = attrs.field(default=SHUTDOWN_TIMEOUT, validator=positive)
     #: Characters of an agent exception's message sent in ``agent_error``.
     error_message_limit: int = attrs.field(default=ERROR_MESSAGE_LIMIT, validator=_non_negative)
+    #: Streams one user may hold in the broker. A new one past it first evicts the user's
+    #: least recently used stream that no connection is subscribed to and no run writes to;
+    #: if every one is in use, a subscribe is refused with ``too_many_threads``.
+    max_threads_per_user: int = attrs.field(default=MAX_THREADS_PER_USER, validator=positive)
+    #: Bytes of encoded events the in-memory broker retains; past it, the stream that has gone
+    #: longest without use loses its oldest events first (its resumers get ``recovered: false``).
+    max_retained_bytes: int = attrs.field(default=MAX_RETAINED_BYTES, validator=positive)
+    #: Runs one user may have active; ``start_run`` and ``run()`` past it raise ``TooManyRuns``.
+    max_active_runs_per_user: int = attrs.field(
+        default=MAX_ACTIVE_RUNS_PER_USER, validator=positive
+    )
+    #: Connections one user may hold (open or being opened) on this manager; None: no limit.
+    #: ``UserSession.reserve_connection`` past it raises ``TooManyConnections``.
+    max_connections_per_user: int | None = attrs.field(
+        default=None, validator=_positive_or_none
+    )

@@ -18,10 +18,18 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from ._config import Config
-from ._errors import BrokerUnavailable, ClientError, InvalidEvent, InvalidIdentifier
+from ._errors import (
+    BrokerUnavailable,
+    ClientError,
+    InvalidEvent,
+    InvalidIdentifier,
+    TooManyRuns,
+    TooManyThreads,
+)
 from ._history import Recovery
 from ._latency import DeliveryLatency
 from ._protocol import (
+    UNENCODABLE_REPLY,
     CancelRun,
     ClientFrame,
     CloseCode,
@@ -475,7 +483,12 @@ class Connection:
                         ProtocolError("unknown_run", f"no active run {run_id!r} of yours")
                     )
             case Ping(id=ping_id):
-                self.enqueue((pong_frame(ping_id),))
+                try:
+                    pong = pong_frame(ping_id)
+                except TypeError:  # orjson.JSONEncodeError: an id it parsed but cannot encode
+                    self._refuse(ProtocolError("bad_frame", UNENCODABLE_REPLY))
+                else:
+                    self.enqueue((pong,))
             case CustomFrame():
                 try:
                     await self._owner.handle_custom(self, frame)
@@ -484,6 +497,9 @@ class Connection:
                 except (InvalidIdentifier, InvalidEvent) as exc:
                     # The handler passed the client's bad id or data on: bad input, not a bug.
                     self._refuse(ProtocolError("invalid_field", str(exc)))
+                except TooManyRuns as exc:
+                    # The handler started a run past Config.max_active_runs_per_user.
+                    self._refuse(ProtocolError("too_many_runs", str(exc)))
 
     async def _subscribe(self, request: Subscribe) -> None:
         """Ack, replay what was missed, then go live, with no gap and no duplicate.
@@ -505,6 +521,14 @@ class Connection:
         except BrokerUnavailable as exc:
             # Scale-out mode with Redis down: nothing to replay from; the client retries.
             self.close(CloseCode.SERVICE_RESTART, str(exc))
+            return
+        except TooManyThreads as exc:
+            # The user's streams are all in use: nothing was created; undo the route.
+            if self._subs.get(thread_id, -1) is None:
+                del self._subs[thread_id]
+                self._held.pop(thread_id, None)
+                self._owner.index_unsubscribe(thread_id, self)
+            self._refuse(ProtocolError("too_many_threads", str(exc)))
             return
         held = self._held.pop(thread_id, [])
         if self._subs.get(thread_id, -1) is not None:

@@ -12,6 +12,9 @@ __all__ = [
     "ManagerNotRunning",
     "RunEnded",
     "SessionClosed",
+    "TooManyConnections",
+    "TooManyRuns",
+    "TooManyThreads",
 ]
 
 
@@ -65,3 +68,19 @@ class ClientError(AgentcastError):
 
 class BrokerUnavailable(AgentcastError, RuntimeError):
     """The broker's backend (Redis) is not reachable; the call can be retried once it is."""
+
+
+class TooManyRuns(AgentcastError, RuntimeError):
+    """The user already has ``Config.max_active_runs_per_user`` runs active; wait for one to
+    end (or cancel one) before starting another. A client whose frame started it gets an
+    ``error`` frame ``too_many_runs``."""
+
+
+class TooManyThreads(AgentcastError, RuntimeError):
+    """The user already has ``Config.max_threads_per_user`` streams in use (subscribed or
+    written to by a run); unsubscribe from one first. A subscribe answers ``too_many_threads``."""
+
+
+class TooManyConnections(AgentcastError, RuntimeError):
+    """The user already holds ``Config.max_connections_per_user`` connections (open or being
+    opened); close one first. The server refuses such a handshake with HTTP 429."""

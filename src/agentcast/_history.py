@@ -52,6 +52,8 @@ class ThreadHistory:
     _times: deque[float] = attrs.field(factory=deque)
     #: The seq of ``_frames[0]`` (meaningless while it is empty).
     _oldest: int = 0
+    #: Characters of the retained frames (their bytes, for the ASCII JSON agentcast writes).
+    _bytes: int = 0
 
     def next_seq(self) -> int:
         """Reserve and return the next seq."""
@@ -68,25 +70,35 @@ class ThreadHistory:
             # history restarts here (a client that missed the gap is told to resync).
             frames.clear()
             self._times.clear()
+            self._bytes = 0
         if not frames:
             self._oldest = seq
         frames.append(frame)
         self._times.append(now)
+        self._bytes += len(frame)
         if len(frames) > self.max_size:
-            self._drop_oldest()
+            self.drop_oldest()
         self.prune(now)
 
-    def _drop_oldest(self) -> None:
-        self._frames.popleft()
-        self._times.popleft()
-        self._oldest += 1
+    def drop_oldest(self) -> None:
+        """Forget the oldest retained entry (a client asking from before it gets
+        ``recovered`` False); a no-op when nothing is retained."""
+        if self._frames:
+            self._bytes -= len(self._frames.popleft())
+            self._times.popleft()
+            self._oldest += 1
+
+    @property
+    def retained_bytes(self) -> int:
+        """Characters of the retained frames (bytes for ASCII JSON)."""
+        return self._bytes
 
     def prune(self, now: float) -> None:
         """Forget entries older than ``ttl``."""
         horizon = now - self.ttl
         times = self._times
         while times and times[0] < horizon:
-            self._drop_oldest()
+            self.drop_oldest()
 
     def __len__(self) -> int:
         return len(self._frames)

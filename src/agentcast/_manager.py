@@ -135,6 +135,11 @@ class ConnectionManager:
         """Broker callback: whether ``user_id`` has a live session here."""
         return user_id in self._sessions
 
+    def holds_thread(self, user_id: str, thread_id: str) -> bool:
+        """Broker callback: whether a connection or run of ``user_id`` here uses the thread."""
+        session = self._sessions.get(user_id)
+        return session is not None and session.holds_thread(thread_id)
+
     def reset_connections(self, reason: str) -> None:
         """Broker callback: close every connection with 1012 (service restart) so each client
         resumes with ``since_seq``; sessions and runs go on."""
@@ -196,6 +201,7 @@ class ConnectionManager:
             session_crashes=self._session_crashes,
             broker_streams=broker.streams,
             broker_retained_events=broker.retained_events,
+            broker_retained_bytes=broker.retained_bytes,
             delivery_latency=self.delivery_latency.snapshot(),
             per_user=per_user,
             **attrs.asdict(totals),

@@ -37,6 +37,13 @@ __all__ = [
 BATCH_SUBPROTOCOL: Final = "agentcast.ndjson"
 #: Longest close reason allowed by RFC 6455 (the close frame payload is at most 125 bytes).
 MAX_CLOSE_REASON_BYTES: Final = 123
+#: Deepest nesting of arrays and objects accepted in a client frame (the frame object itself
+#: is level 1). orjson parses far deeper structures than it can encode again (its encoder
+#: stops at 255 levels), so a deeper frame is refused at parse time with ``bad_frame``.
+MAX_FRAME_DEPTH: Final = 32
+#: The message of the ``bad_frame`` error sent when a reply built from client data (a pong's
+#: id, an error message echoing an id) cannot be encoded.
+UNENCODABLE_REPLY: Final = "the answer to this frame could not be encoded; send plain JSON values"
 
 
 class CloseCode(enum.IntEnum):
@@ -142,12 +149,30 @@ def _optional_int(frame: dict[str, Any], name: str) -> int | None:
     return value
 
 
+def _too_deep(value: object, limit: int) -> bool:
+    """Whether ``value`` nests arrays/objects more than ``limit`` levels (iterative, and it
+    stops at the first branch past the limit, so a hostile frame costs at most one walk)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
 def parse_client_frame(text: str | bytes, *, max_bytes: int) -> ClientFrame:
     """Parse one inbound WebSocket message.
 
     Raises:
         ProtocolError: binary data (closes with 1003), not valid UTF-8 (1007), too large
-            (1009), not a JSON object,
+            (1009), not a JSON object, nested deeper than ``MAX_FRAME_DEPTH`` (``bad_frame``),
             missing or malformed fields (error frame only).
     """
     if isinstance(text, bytes | bytearray):
@@ -172,6 +197,11 @@ def parse_client_frame(text: str | bytes, *, max_bytes: int) -> ClientFrame:
         raise ProtocolError("bad_json", f"frame is not valid JSON: {exc}") from None
     if not isinstance(frame, dict):
         raise ProtocolError("bad_frame", "frame must be a JSON object")
+    # Cheap guard first: a frame with few brackets cannot be deep (most frames).
+    if text.count("[") + text.count("{") > MAX_FRAME_DEPTH and _too_deep(frame, MAX_FRAME_DEPTH):
+        raise ProtocolError(
+            "bad_frame", f"frame nests arrays/objects deeper than {MAX_FRAME_DEPTH} levels"
+        )
     kind = frame.get("type")
     if not isinstance(kind, str) or not kind:
         raise ProtocolError("bad_frame", "frame needs a string field 'type'")
@@ -217,5 +247,12 @@ def pong_frame(ping_id: Any = None) -> str:
 
 
 def error_frame(code: str, message: str, **extra: Any) -> str:
-    """An ``{"type": "error", "code", "message"}`` frame; the connection stays usable."""
-    return _dump({"type": "error", "code": code, "message": message, **extra})
+    """An ``{"type": "error", "code", "message"}`` frame; the connection stays usable.
+
+    Never raises: when the message or an extra cannot be encoded (e.g. a lone surrogate an
+    application echoed from client data), the answer is a ``bad_frame`` error instead.
+    """
+    try:
+        return _dump({"type": "error", "code": code, "message": message, **extra})
+    except orjson.JSONEncodeError:
+        return _dump({"type": "error", "code": "bad_frame", "message": UNENCODABLE_REPLY})

@@ -9,6 +9,8 @@ Layout, for user ``u`` and thread ``t``:
 
 - ``agentcast:{u}:t:<t>:meta``   hash ``epoch`` (text), ``seq`` (last seq assigned)
 - ``agentcast:{u}:t:<t>:events`` stream; entry id ``<seq>-0``, field ``f`` = encoded frame
+- ``agentcast:{u}:threads``       sorted set: thread ids of the user with a meta hash, scored by
+  last use (Redis ``TIME`` seconds); bounds a user's streams (``Config.max_threads_per_user``)
 - ``agentcast:{u}:live``          pub/sub channel of the user (thread and user events)
 - ``agentcast:all``              pub/sub channel every node subscribes to (broadcasts)
 
@@ -31,6 +33,7 @@ __all__ = [
     "split_envelope",
     "stream_key",
     "thread_message",
+    "threads_key",
     "user_channel",
     "user_message",
 ]
@@ -41,14 +44,17 @@ ALL_CHANNEL: Final = "agentcast:all"
 #: subscriber idle for longer than ``history_ttl`` must not see its stream restart at seq 1.
 META_GRACE: Final = 86400
 
-#: KEYS: meta, events. ARGV: prefix, suffix, maxlen, ttl seconds, candidate epoch, channel,
-#: thread id, meta ttl seconds. Creates the epoch if missing, assigns the next seq, builds the
-#: frame (prefix .. seq .. suffix), appends it (trimmed to about maxlen), refreshes the TTLs
-#: and publishes it on the user's channel, atomically. Returns the seq.
+#: KEYS: meta, events, threads. ARGV: prefix, suffix, maxlen, ttl seconds, candidate epoch,
+#: channel, thread id, meta ttl seconds. Creates the epoch if missing, assigns the next seq,
+#: builds the frame (prefix .. seq .. suffix), appends it (trimmed to about maxlen), records
+#: the thread's use, refreshes the TTLs and publishes it on the user's channel, atomically.
+#: Returns the seq. A publish is never refused (a run must be able to end).
 PUBLISH_SCRIPT: Final = """
 if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[5]) == 1 then
   redis.call('HSET', KEYS[1], 'seq', 0)
 end
+redis.call('ZADD', KEYS[3], redis.call('TIME')[1], ARGV[7])
+redis.call('EXPIRE', KEYS[3], ARGV[8])
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local frame = ARGV[1] .. seq .. ARGV[2]
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-0', 'f', frame)
@@ -58,14 +64,24 @@ redis.call('PUBLISH', ARGV[6], 't ' .. ARGV[7] .. ' ' .. seq .. ' ' .. frame)
 return seq
 """
 
-#: KEYS: meta, events. ARGV: candidate epoch, since seq (or -1 for live only), max count,
-#: meta ttl seconds. Returns {epoch, latest seq, frames after since (oldest first) or nothing
-#: when since is -1 / out of range}. Creating the epoch here too means the epoch a subscriber
-#: is told stays the epoch of the events that follow.
+#: KEYS: meta, events, threads. ARGV: candidate epoch, since seq (or -1 for live only), max
+#: count, meta ttl seconds, thread id, max threads per user. Returns {epoch, latest seq,
+#: frames after since (oldest first) or nothing when since is -1 / out of range}, or -1 when
+#: the stream is new and the user already has max threads (nothing is created). Creating the
+#: epoch here too means the epoch a subscriber is told stays the epoch of the events that
+#: follow. Members older than the meta ttl are dropped first: their meta hash has expired.
 RECOVER_SCRIPT: Final = """
-if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'seq', 0)
+local now = tonumber(redis.call('TIME')[1])
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[4]))
+  if not redis.call('ZSCORE', KEYS[3], ARGV[5])
+      and redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[6]) then
+    return -1
+  end
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'seq', 0)
 end
+redis.call('ZADD', KEYS[3], now, ARGV[5])
+redis.call('EXPIRE', KEYS[3], ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 local latest = tonumber(redis.call('HGET', KEYS[1], 'seq'))
@@ -89,6 +105,11 @@ def meta_key(user_id: str, thread_id: str) -> str:
 def stream_key(user_id: str, thread_id: str) -> str:
     """The Redis Stream holding the thread's retained frames."""
     return f"agentcast:{{{user_id}}}:t:{thread_id}:events"
+
+
+def threads_key(user_id: str) -> str:
+    """The sorted set of the user's thread ids with a meta hash, scored by last use."""
+    return f"agentcast:{{{user_id}}}:threads"
 
 
 def user_channel(user_id: str) -> str:

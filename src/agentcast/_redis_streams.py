@@ -18,7 +18,7 @@ import anyio
 import attrs
 
 from ._config import Config
-from ._errors import BrokerUnavailable
+from ._errors import BrokerUnavailable, TooManyThreads
 from ._events import AgentEvent, encode_envelope
 from ._history import Recovery, new_epoch
 from ._redis_keys import (
@@ -29,6 +29,7 @@ from ._redis_keys import (
     meta_key,
     split_envelope,
     stream_key,
+    threads_key,
     user_channel,
     user_message,
 )
@@ -137,7 +138,9 @@ class StreamOps:
             prefix, suffix, config.history_size, max(1, int(config.history_ttl)),
             new_epoch(), user_channel(user_id), thread_id, self._meta_ttl,
         ]
-        keys = [meta_key(user_id, thread_id), stream_key(user_id, thread_id)]
+        keys = [
+            meta_key(user_id, thread_id), stream_key(user_id, thread_id), threads_key(user_id)
+        ]
         if self._wakeup is None:
             with redis_errors("publish"):
                 seq = await self._publish(keys=keys, args=args)
@@ -232,12 +235,23 @@ class StreamOps:
 
         Raises:
             BrokerUnavailable: the call failed because Redis is unreachable.
+            TooManyThreads: the stream is new and the user already has
+                ``Config.max_threads_per_user`` streams in Redis (nothing was created).
         """
         since = -1 if since_seq is None else since_seq
-        args = [new_epoch(), since, self.config.history_size, self._meta_ttl]
-        keys = [meta_key(user_id, thread_id), stream_key(user_id, thread_id)]
+        limit = self.config.max_threads_per_user
+        args = [new_epoch(), since, self.config.history_size, self._meta_ttl, thread_id, limit]
+        keys = [
+            meta_key(user_id, thread_id), stream_key(user_id, thread_id), threads_key(user_id)
+        ]
         with redis_errors("recovery"):
             reply = await self._recover(keys=keys, args=args)
+        if reply == -1:
+            raise TooManyThreads(
+                f"user {user_id!r} already has {limit} threads in Redis "
+                "(Config.max_threads_per_user); they expire after history_ttl plus a day "
+                "without use"
+            )
         current, latest, frames = str(reply[0]), int(reply[1]), [str(f) for f in reply[2]]
         if since_seq is None or (epoch is not None and epoch != current):
             return Recovery(False, current, latest, ())

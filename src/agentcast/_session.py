@@ -20,7 +20,7 @@ import trio
 from ._broker import Broker
 from ._config import Config
 from ._connection import Connection
-from ._errors import ClientError, SessionClosed
+from ._errors import ClientError, SessionClosed, TooManyConnections, TooManyRuns
 from ._events import AgentEvent
 from ._history import Recovery
 from ._ids import check_id, new_id
@@ -33,7 +33,7 @@ from ._transport import Transport
 if TYPE_CHECKING:
     from ._manager import ConnectionManager
 
-__all__ = ["AgentFunction", "MessageHandler", "UserSession"]
+__all__ = ["AgentFunction", "ConnectionSlot", "MessageHandler", "UserSession"]
 
 log = logging.getLogger("agentcast")
 
@@ -44,6 +44,35 @@ MessageHandler = Callable[["UserSession", Connection, dict[str, Any]], Awaitable
 #: ``async def agent(run, *args)`` started by :meth:`UserSession.start_run`; its return value
 #: becomes ``run.result`` unless the agent set one.
 AgentFunction = Callable[..., Awaitable[Any]]
+
+
+@final
+@attrs.define(eq=False, repr=False)
+class ConnectionSlot:
+    """A place for one connection of a user, reserved by :meth:`UserSession.reserve_connection`
+    before the handshake's awaits, so simultaneous handshakes cannot all pass the limit.
+
+    ``add_connection(..., slot=slot)`` consumes it; :meth:`release` gives it back (idempotent,
+    a no-op once consumed). Do not construct directly.
+    """
+
+    session: UserSession
+    _done: bool = False
+
+    def __repr__(self) -> str:
+        state = "done" if self._done else "reserved"
+        return f"<ConnectionSlot user={self.session.user_id!r} {state}>"
+
+    @property
+    def reserved(self) -> bool:
+        """True until the slot is consumed by a connection or released."""
+        return not self._done
+
+    def release(self) -> None:
+        """Give the place back (call it on every path where no connection was added)."""
+        if not self._done:
+            self._done = True
+            self.session._slot_done()
 
 
 @final
@@ -72,6 +101,8 @@ class UserSession:
     _pending: list[tuple[Callable[[], Awaitable[None]], str]] = attrs.Factory(list)
     _changed: trio.Event = attrs.Factory(trio.Event)
     _publishes_since_yield: int = 0
+    #: Connection slots reserved and not yet consumed or released (handshakes in flight).
+    _reserved: int = 0
 
     def __repr__(self) -> str:
         return (
@@ -91,6 +122,33 @@ class UserSession:
 
     # ---- connections ------------------------------------------------------------------------
 
+    def reserve_connection(self) -> ConnectionSlot:
+        """Reserve a place for one more connection, synchronously (call it before any await
+        of a handshake); pass it to :meth:`add_connection`, or ``release()`` it on failure.
+
+        Open connections and reserved slots together stay within
+        ``Config.max_connections_per_user`` (None: no limit). A reservation keeps the session
+        from lingering out.
+
+        Raises:
+            TooManyConnections: the user holds that many connections and reservations.
+            SessionClosed: the session has closed; get a fresh one.
+        """
+        self._check_open()
+        limit = self.config.max_connections_per_user
+        if limit is not None and len(self._connections) + self._reserved >= limit:
+            raise TooManyConnections(
+                f"user {self.user_id!r} already holds {limit} connections "
+                "(Config.max_connections_per_user); close one first"
+            )
+        self._reserved += 1
+        self._notify()
+        return ConnectionSlot(self)
+
+    def _slot_done(self) -> None:
+        self._reserved -= 1
+        self._notify()
+
     async def add_connection(
         self,
         transport: Transport,
@@ -98,6 +156,7 @@ class UserSession:
         threads: Sequence[str] = (),
         batch: bool | None = None,
         allowed_threads: Collection[str] | None = None,
+        slot: ConnectionSlot | None = None,
     ) -> Connection:
         """Attach a transport; its writer and reader run in this session's nursery.
 
@@ -105,21 +164,38 @@ class UserSession:
         can resume with a ``subscribe`` frame). ``batch=None`` turns batching on when the
         transport negotiated the ``agentcast.ndjson`` subprotocol. ``allowed_threads`` restricts
         which threads the client may subscribe to, message and cancel runs on (None: all of
-        this user's); others get a ``forbidden_thread`` error frame.
+        this user's); others get a ``forbidden_thread`` error frame. ``slot`` is a place
+        reserved by :meth:`reserve_connection` (the connection takes it over; on failure it is
+        released); without one a place is reserved here.
 
         Raises:
             SessionClosed: the session has closed; get a fresh one.
             InvalidIdentifier: a thread id is invalid.
+            TooManyConnections: no slot was given and the user is at
+                ``Config.max_connections_per_user``.
+            ValueError: ``slot`` belongs to another session or was already used.
         """
-        for thread_id in threads:
-            check_id("thread_id", thread_id)
-        allowed = None if allowed_threads is None else frozenset(allowed_threads)
-        await self._opened.wait()
-        self._check_open()
+        if slot is not None and (slot.session is not self or not slot.reserved):
+            raise ValueError(f"{slot!r} is not a reserved slot of this session")
+        try:
+            for thread_id in threads:
+                check_id("thread_id", thread_id)
+            allowed = None if allowed_threads is None else frozenset(allowed_threads)
+            if slot is None:
+                slot = self.reserve_connection()
+            await self._opened.wait()
+            self._check_open()
+        except BaseException:
+            if slot is not None:
+                slot.release()
+            raise
         assert self._nursery is not None
         if batch is None:
             batch = getattr(transport, "subprotocol", None) == BATCH_SUBPROTOCOL
         connection = Connection.create(self, transport, batch=batch, allowed_threads=allowed)
+        # The reservation becomes the connection in one step: the count never dips or doubles.
+        slot._done = True
+        self._reserved -= 1
         self._connections[connection.connection_id] = connection
         self.counters.connections_opened += 1
         self._notify()
@@ -139,13 +215,14 @@ class UserSession:
         threads: Sequence[str] = (),
         batch: bool | None = None,
         allowed_threads: Collection[str] | None = None,
+        slot: ConnectionSlot | None = None,
     ) -> None:
         """Add a connection and wait until it closes: the body of a WebSocket handler.
 
         If the caller is cancelled, the connection is closed with 1001 first.
         """
         connection = await self.add_connection(
-            transport, threads=threads, batch=batch, allowed_threads=allowed_threads
+            transport, threads=threads, batch=batch, allowed_threads=allowed_threads, slot=slot
         )
         await self.hold_connection(connection)
 
@@ -239,6 +316,12 @@ class UserSession:
         run_id = new_id("run") if run_id is None else check_id("run_id", run_id)
         if run_id in self._runs:
             raise ValueError(f"run_id {run_id!r} is already active for user {self.user_id!r}")
+        limit = self.config.max_active_runs_per_user
+        if len(self._runs) >= limit:
+            raise TooManyRuns(
+                f"user {self.user_id!r} already has {limit} active runs "
+                "(Config.max_active_runs_per_user); wait for one to end or cancel one"
+            )
         run = Run(run_id, thread_id, agent_name, self.send_to_thread)
         self._runs[run_id] = run
         self.counters.runs_started += 1
@@ -275,6 +358,7 @@ class UserSession:
         Raises:
             SessionClosed: the session has closed.
             InvalidIdentifier: invalid thread or run id, or the run id is already active.
+            TooManyRuns: the user has ``Config.max_active_runs_per_user`` runs active.
         """
         run = self._register_run(thread_id, run_id, agent_name)
         async with self._scope_of(run) as active:
@@ -292,6 +376,12 @@ class UserSession:
 
         Synchronous like ``nursery.start_soon``. The agent's exception becomes
         ``agent_error`` and is logged; it does not crash the session.
+
+        Raises:
+            SessionClosed: the session has closed.
+            InvalidIdentifier: invalid thread or run id, or the run id is already active.
+            TooManyRuns: the user has ``Config.max_active_runs_per_user`` runs active (a client
+                whose frame made the message handler call this gets ``too_many_runs``).
         """
         name = agent_name or str(getattr(agent_fn, "__name__", "agent"))
         run = self._register_run(thread_id, run_id, name)
@@ -343,6 +433,13 @@ class UserSession:
         """
         return await self._broker.recover(self.user_id, thread_id, since_seq, epoch)
 
+    def holds_thread(self, thread_id: str) -> bool:
+        """Whether a connection of this user is subscribed to the thread or a run writes to
+        it (the broker keeps such a stream's epoch and seq)."""
+        return thread_id in self._routes or any(
+            run.thread_id == thread_id for run in self._runs.values()
+        )
+
     def index_subscribe(self, thread_id: str, connection: Connection) -> None:
         """Route the thread's events to ``connection``."""
         self._routes.setdefault(thread_id, {})[connection] = None
@@ -390,7 +487,7 @@ class UserSession:
         self._notify()
 
     def _busy(self) -> bool:
-        return bool(self._connections or self._runs or self._pending)
+        return bool(self._connections or self._runs or self._pending or self._reserved)
 
     async def _linger(self) -> None:
         """Return once the session has been idle for ``session_linger`` seconds."""
@@ -467,6 +564,7 @@ class UserSession:
         return SessionStats(
             user_id=self.user_id,
             connections=len(self._connections),
+            reserved_connections=self._reserved,
             open_channels=sum(1 for c in self._connections.values() if c.close_code is None),
             subscriptions=sum(len(c.threads) for c in self._connections.values()),
             active_runs=len(self._runs),

@@ -52,6 +52,9 @@ class SessionStats:
     user_id: str
     #: Open connections (each owns one bounded send channel).
     connections: int
+    #: Connection slots reserved for handshakes in flight (``reserve_connection``), not yet
+    #: connections; counted with ``connections`` against ``Config.max_connections_per_user``.
+    reserved_connections: int
     #: Send channels still open; equals ``connections`` unless one is closing.
     open_channels: int
     #: Thread subscriptions summed over connections.
@@ -120,6 +123,9 @@ class ManagerStats:
     broker_streams: int
     #: Events the broker retains for resume.
     broker_retained_events: int
+    #: Characters (bytes, for ASCII JSON) of those events, bounded by
+    #: ``Config.max_retained_bytes`` (0 with Redis, where Redis holds them).
+    broker_retained_bytes: int
     #: Publish-to-written latency of live events (see ``agentcast._latency``).
     delivery_latency: LatencySnapshot
     #: Per-user snapshots, keyed by user id.

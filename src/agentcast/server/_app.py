@@ -18,8 +18,10 @@ import trio
 from trio_websocket import wrap_server_stream
 
 from .._context import UserContext
+from .._errors import TooManyConnections
 from .._manager import ConnectionManager
 from .._protocol import BATCH_SUBPROTOCOL
+from .._session import ConnectionSlot
 from ._auth import AuthError, Claims, verify_token
 from ._front import HeadError, PrefixedStream, RequestHead, read_request_head, send_response
 from ._keepalive import Keepalive
@@ -155,9 +157,10 @@ class Server:
 
     async def _authorize(
         self, stream: trio.abc.Stream, head: RequestHead
-    ) -> tuple[Claims, str | None] | None:
+    ) -> tuple[Claims, str | None, ConnectionSlot] | None:
         """Check an upgrade request: refuse it (and return None), or return the token's
-        claims and the subprotocol to select."""
+        claims, the subprotocol to select and the connection slot reserved for it (the
+        caller must consume or release it)."""
         if head.path != "/ws":
             await self._refuse(stream, 404, "path", f"no WebSocket endpoint at {head.path!r}")
             return None
@@ -186,11 +189,11 @@ class Server:
             await self._refuse(stream, 401, f"auth_{exc.reason}", str(exc))
             return None
         session = self.manager.get_websocket_manager(UserContext(user_id=claims.user_id))
-        if len(session.connections()) >= self.settings.max_connections_per_user:
-            await self._refuse(
-                stream, 429, "connection_limit",
-                f"at most {self.settings.max_connections_per_user} connections per user",
-            )
+        try:
+            # Reserved before any await, so simultaneous handshakes cannot all pass the limit.
+            slot = session.reserve_connection()
+        except TooManyConnections as exc:
+            await self._refuse(stream, 429, "connection_limit", str(exc))
             return None
         offered = [
             value.strip() for value in (head.header("sec-websocket-protocol") or "").split(",")
@@ -201,22 +204,33 @@ class Server:
         subprotocol = BATCH_SUBPROTOCOL if BATCH_SUBPROTOCOL in offered else next(
             (value for value in offered if value.lower().startswith(BEARER_PREFIX)), None
         )
-        return claims, subprotocol
+        return claims, subprotocol, slot
 
     async def _serve_websocket(
-        self, stream: PrefixedStream, claims: Claims, subprotocol: str | None
+        self, stream: PrefixedStream, claims: Claims, subprotocol: str | None,
+        slot: ConnectionSlot,
     ) -> None:
-        session = self.manager.get_websocket_manager(UserContext(user_id=claims.user_id))
+        session = slot.session
         async with trio.open_nursery() as nursery:
-            request = await wrap_server_stream(
-                nursery, stream, max_message_size=self.settings.core.max_message_bytes
-            )
-            ws = await request.accept(subprotocol=subprotocol)
-            del request
-            # A token naming threads subscribes to them and confines the client to them.
-            connection = await session.add_connection(
-                ws, threads=claims.threads, allowed_threads=claims.threads or None
-            )
+            try:
+                # The slot is held across these awaits: bound them, and give it back on any
+                # failure (a handshake that dies half-way, or the library refusing it).
+                ws = None
+                with trio.move_on_after(self.settings.handshake_timeout):
+                    request = await wrap_server_stream(
+                        nursery, stream, max_message_size=self.settings.core.max_message_bytes
+                    )
+                    ws = await request.accept(subprotocol=subprotocol)
+                    del request
+                if ws is None:
+                    nursery.cancel_scope.cancel()
+                    return
+                # A token naming threads subscribes to them and confines the client to them.
+                connection = await session.add_connection(
+                    ws, threads=claims.threads, allowed_threads=claims.threads or None, slot=slot
+                )
+            finally:
+                slot.release()
             watch = self.keepalive.watch(ws, connection)
             try:
                 await session.hold_connection(connection)

@@ -96,6 +96,11 @@ async def serve(
     if admin_token is None and settings.demo:
         admin_token = secrets.token_urlsafe(32)
     settings = attrs.evolve(settings, admin_token=admin_token)
+    if settings.core.max_connections_per_user is None:
+        # The per-user limit lives in the core (reserved atomically by the session).
+        settings = attrs.evolve(settings, core=attrs.evolve(
+            settings.core, max_connections_per_user=settings.max_connections_per_user
+        ))
     stop = trio.Event() if stop is None else stop
     handler = message_handler
     if handler is None and settings.demo:
