@@ -20,6 +20,7 @@ import trio
 from ._broker import Broker
 from ._config import Config
 from ._connection import Connection
+from ._credentials import Credentials
 from ._errors import ClientError, SessionClosed
 from ._events import AgentEvent
 from ._history import Recovery
@@ -98,6 +99,7 @@ class UserSession:
         threads: Sequence[str] = (),
         batch: bool | None = None,
         allowed_threads: Collection[str] | None = None,
+        credentials: Credentials | None = None,
     ) -> Connection:
         """Attach a transport; its writer and reader run in this session's nursery.
 
@@ -105,7 +107,9 @@ class UserSession:
         can resume with a ``subscribe`` frame). ``batch=None`` turns batching on when the
         transport negotiated the ``agentcast.ndjson`` subprotocol. ``allowed_threads`` restricts
         which threads the client may subscribe to, message and cancel runs on (None: all of
-        this user's); others get a ``forbidden_thread`` error frame.
+        this user's); others get a ``forbidden_thread`` error frame. With ``credentials`` (e.g.
+        the server's verified token) the connection is closed with 4001 when they expire,
+        unless the client renews them with a ``refresh`` frame; without, it never expires.
 
         Raises:
             SessionClosed: the session has closed; get a fresh one.
@@ -119,7 +123,9 @@ class UserSession:
         assert self._nursery is not None
         if batch is None:
             batch = getattr(transport, "subprotocol", None) == BATCH_SUBPROTOCOL
-        connection = Connection.create(self, transport, batch=batch, allowed_threads=allowed)
+        connection = Connection.create(
+            self, transport, batch=batch, allowed_threads=allowed, credentials=credentials
+        )
         self._connections[connection.connection_id] = connection
         self.counters.connections_opened += 1
         self._notify()
@@ -178,9 +184,11 @@ class UserSession:
         return True
 
     def check_writes(self, now: float) -> None:
-        """Close connections whose current write has outlasted ``write_timeout`` (4008)."""
+        """Close connections whose current write has outlasted ``write_timeout`` (4008), or
+        whose credentials have expired (4001, after ``token_expiring``)."""
         for connection in tuple(self._connections.values()):
             connection.check_write(now)
+            connection.check_expiry(now)
 
     def connections(self) -> list[Connection]:
         """This user's open connections."""
