@@ -129,3 +129,15 @@ def test_refresh_frames_parse_and_render() -> None:
     assert json.loads(token_expiring_frame(1700000000.5)) == {
         "type": "token_expiring", "expires_at": 1700000000.5
     }
+
+
+def test_agentcast_token_sets_issuer_and_audience(capsys: pytest.CaptureFixture[str]) -> None:
+    from agentcast.server._cli import main
+
+    status = main(["token", "--user", "alice", "--secret", SECRET, "--issuer", "me",
+                   "--audience", "app", "--ttl", "60"])
+    assert status == 0
+    claims = verify_token(capsys.readouterr().out.strip(), SECRET, issuer="me", audience="app")
+    assert claims.user_id == "alice"
+    assert main(["token", "--user", "alice", "--secret", SECRET, "--ttl", str(10**7)]) == 2
+    assert "at most" in capsys.readouterr().err

@@ -9,8 +9,8 @@ from ._broker import EventSink as EventSink
 from ._broker import InMemoryBroker as InMemoryBroker
 from ._config import Config as Config
 from ._connection import Connection as Connection
-from ._credentials import Credentials as Credentials
 from ._context import UserContext as UserContext
+from ._credentials import Credentials as Credentials
 from ._errors import AgentcastError as AgentcastError
 from ._errors import BrokerUnavailable as BrokerUnavailable
 from ._errors import ClientError as ClientError
