@@ -21,12 +21,21 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from agentcast import BATCH_SUBPROTOCOL
+from agentcast import BATCH_SUBPROTOCOL, Connection, UserContext
 
-from .tokenserver import SECRET, SETTINGS, bystander, running_node, token
+from .tokenserver import SECRET, SETTINGS, Node, bystander, running_node, token
 
 #: Seconds any one test may take (a 2 s token, its refresh, the close).
 STEP = 15
+
+
+async def alice_connection(node: Node) -> Connection:
+    """alice's connection once the server has registered it."""
+    session = node.manager.get_websocket_manager(UserContext(user_id="alice"))
+    while not session.connections():
+        await trio.lowlevel.checkpoint()
+    connection: Connection = session.connections()[0]
+    return connection
 
 
 async def frames_until(ws: WebSocketConnection, kind: str) -> list[dict[str, Any]]:
@@ -53,10 +62,16 @@ async def test_a_2s_token_is_warned_then_closed_with_4001_at_expiry() -> None:
         expires_at = jwt.decode(short, options={"verify_signature": False})["exp"]
         with trio.fail_after(STEP):
             async with node.connect(short) as ws:
+                connection = await alice_connection(node)
+                # Served until then: the connection answers while its token is valid.
+                await ws.send_message(json.dumps({"type": "ping", "id": 1}))
                 frames, code = await frames_until_closed(ws)
         assert code == 4001
-        assert frames == [{"type": "token_expiring", "expires_at": expires_at}]
-        assert time.time() >= expires_at  # closed at the expiry, not before
+        assert connection.close_code == 4001
+        assert {"type": "pong", "id": 1} in frames
+        assert [frame for frame in frames if frame["type"] != "pong"] == [
+            {"type": "token_expiring", "expires_at": expires_at}
+        ]
         await watcher.check_complete()
 
 
