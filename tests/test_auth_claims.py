@@ -1,6 +1,7 @@
 """The pure rules of tokens (synchronous): claims fail closed, issuer and audience, the
 revocation cut-off, the expiry plan on the watchdog's clock, narrowing on refresh, and the new
-frames."""
+frames; then the core's side of it in process (``autojump_clock``, no sockets): an embedder's
+own ``Credentials`` expire and refresh without PyJWT or the server."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import json
 import time
 from typing import Any
 
+import attrs
 import jwt
 import pytest
+import trio
 
+import agentcast
+from agentcast import ClientError, Config, UserContext
 from agentcast._credentials import TOKEN_EXPIRING_NOTICE, narrow_threads, plan_expiry
 from agentcast._protocol import (
     ProtocolError,
@@ -21,6 +26,9 @@ from agentcast._protocol import (
 )
 from agentcast.server import AuthError, issue_token, verify_token
 from agentcast.server._auth import MAX_TOKEN_LIFETIME, Claims, is_revoked
+from agentcast.testing import MemoryTransport
+
+from .helpers import Client, connect
 
 SECRET = "a-test-secret-that-is-long-enough-for-hs256"
 NOW = int(time.time())
@@ -141,3 +149,51 @@ def test_agentcast_token_sets_issuer_and_audience(capsys: pytest.CaptureFixture[
     assert claims.user_id == "alice"
     assert main(["token", "--user", "alice", "--secret", SECRET, "--ttl", str(10**7)]) == 2
     assert "at most" in capsys.readouterr().err
+
+
+@attrs.frozen
+class FakeGrant:
+    """An embedder's credentials: any token "ok-<seconds>" renews for that many seconds."""
+
+    user_id: str
+    expires_at: float
+    grace: float = 0.0
+    threads: frozenset[str] | None = None
+
+    async def refresh(self, token: str) -> FakeGrant:
+        await trio.lowlevel.checkpoint()
+        if not token.startswith("ok-"):
+            raise ClientError("bad_token", "not ok")
+        return attrs.evolve(self, expires_at=time.time() + float(token[3:]))
+
+
+async def test_injected_credentials_expire_and_refresh_in_the_core(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with agentcast.open_manager(Config(write_timeout=0.8)) as manager:
+        session = manager.get_websocket_manager(UserContext(user_id="alice"))
+        untimed, untimed_connection = await connect(session)
+        server_side, client_side = MemoryTransport.pair()
+        renewed = await session.add_connection(
+            server_side, credentials=FakeGrant("alice", time.time() + 40)
+        )
+        client = Client(client_side)
+        with trio.fail_after(60):
+            assert (await client.receive())["type"] == "token_expiring"  # 30 s before
+            await client.send({"type": "refresh", "token": "nope"})
+            assert (await client.receive())["code"] == "bad_token"
+            await client.send({"type": "refresh", "token": "ok-3600"})
+            assert (await client.receive())["type"] == "refreshed"
+            expired_side, expired_client = MemoryTransport.pair()
+            expired = await session.add_connection(
+                expired_side, credentials=FakeGrant("alice", time.time() + 5)
+            )
+            frames, code = await Client(expired_client).receive_closed()
+        assert code == 4001
+        assert [frame["type"] for frame in frames] == ["token_expiring"]
+        assert expired.close_code == 4001
+        # The refreshed one and the one without credentials stay open.
+        assert renewed.close_code is None
+        assert untimed_connection.close_code is None
+        await untimed.send({"type": "refresh", "token": "ok-60"})
+        assert (await untimed.receive())["code"] == "bad_token"
