@@ -60,6 +60,8 @@ def test_close_codes_are_the_documented_values() -> None:
         "INTERNAL_ERROR": 1011,
         "SERVICE_RESTART": 1012,
         "SLOW_CONSUMER": 4008,
+        "TOKEN_EXPIRED": 4001,
+        "REVOKED": 4003,
         "CONNECTION_LIMIT": 4009,
         "RATE_LIMITED": 4029,
     }

@@ -10,6 +10,7 @@ from ._broker import InMemoryBroker as InMemoryBroker
 from ._config import Config as Config
 from ._connection import Connection as Connection
 from ._context import UserContext as UserContext
+from ._credentials import Credentials as Credentials
 from ._errors import AgentcastError as AgentcastError
 from ._errors import BrokerUnavailable as BrokerUnavailable
 from ._errors import ClientError as ClientError
@@ -31,6 +32,7 @@ from ._manager import get_websocket_manager as get_websocket_manager
 from ._manager import get_websocket_manager_async as get_websocket_manager_async
 from ._manager import open_manager as open_manager
 from ._protocol import BATCH_SUBPROTOCOL as BATCH_SUBPROTOCOL
+from ._protocol import PLAIN_SUBPROTOCOL as PLAIN_SUBPROTOCOL
 from ._protocol import CloseCode as CloseCode
 from ._redis_broker import RedisBroker as RedisBroker
 from ._run import Run as Run

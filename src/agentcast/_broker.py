@@ -43,6 +43,10 @@ class EventSink(Protocol):
         """The broker lost events it cannot replay live (its backend went away): close every
         connection on this node with 1012 so clients resume with ``since_seq``."""
 
+    def close_user(self, user_id: str, code: int, reason: str) -> int:
+        """Close every connection of ``user_id`` on this node (a ``disconnect_user`` made on
+        any node); returns how many were open."""
+
 
 @attrs.frozen
 class BrokerStats:
@@ -76,6 +80,10 @@ class Broker(Protocol):
 
     async def publish_all(self, event: AgentEvent) -> None:
         """Deliver a live-only event to every connection."""
+
+    async def publish_disconnect(self, user_id: str, code: int, reason: str) -> None:
+        """Have every other node close ``user_id``'s connections (``EventSink.close_user``);
+        the calling node closes its own."""
 
     async def recover(
         self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None
@@ -253,6 +261,10 @@ class InMemoryBroker:
         """Deliver a live-only event to every connection."""
         frame = encode_envelope(event, thread_id=None, seq=None, ts=time.time())
         self._require_sink().deliver_all(frame)
+
+    async def publish_disconnect(self, user_id: str, code: int, reason: str) -> None:
+        """Nothing to do: there are no other nodes."""
+        await trio.lowlevel.checkpoint()
 
     async def recover(
         self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None

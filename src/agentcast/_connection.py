@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Iterator
 from typing import Protocol, final
 
@@ -18,6 +19,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from ._config import Config
+from ._credentials import NEVER, Credentials, ExpiryPlan, narrow_threads, plan_expiry
 from ._errors import (
     BrokerUnavailable,
     ClientError,
@@ -36,13 +38,16 @@ from ._protocol import (
     CustomFrame,
     Ping,
     ProtocolError,
+    Refresh,
     Subscribe,
     Unsubscribe,
     close_reason,
     error_frame,
     parse_client_frame,
     pong_frame,
+    refreshed_frame,
     subscribed_frame,
+    token_expiring_frame,
     unsubscribed_frame,
 )
 from ._stats import Counters
@@ -152,6 +157,10 @@ class Connection:
     #: Set by :meth:`abort`: the peer is dead, so no close handshake is attempted.
     _aborting: bool = False
     _finished: trio.Event = attrs.Factory(trio.Event)
+    #: What the client authenticated with (None: never expires, ``refresh`` is refused).
+    _credentials: Credentials | None = None
+    #: When the watchdog warns (``token_expiring``) and closes (4001), in trio time.
+    _expiry: ExpiryPlan = NEVER
 
     @classmethod
     def create(
@@ -161,17 +170,25 @@ class Connection:
         *,
         batch: bool,
         allowed_threads: frozenset[str] | None = None,
+        credentials: Credentials | None = None,
     ) -> Connection:
-        """Build a connection with its bounded channel; the session then runs :meth:`serve`."""
+        """Build a connection with its bounded channel; the session then runs :meth:`serve`.
+
+        With ``credentials`` it is closed with 4001 at their expiry (plus their grace) unless
+        the client renews them with a ``refresh`` frame.
+        """
         config = owner.config
         send, receive = trio.open_memory_channel[Outgoing](config.send_queue_size)
         limiter = _RateLimiter(
             config.inbound_rate, config.inbound_burst, float(config.inbound_burst),
             trio.current_time(),
         )
-        return cls(
+        connection = cls(
             f"c-{next(_ids)}", transport, batch, owner, send, receive, limiter, allowed_threads
         )
+        if credentials is not None:
+            connection._grant(credentials)
+        return connection
 
     def __repr__(self) -> str:
         return (
@@ -419,6 +436,36 @@ class Connection:
         if started is not None and now - started >= self._owner.config.write_timeout:
             self._slow_consumer("write timed out")
 
+    # ---- credentials ------------------------------------------------------------------------
+
+    @property
+    def expires_at(self) -> float | None:
+        """When the connection's credentials expire, Unix seconds (None: never)."""
+        return None if self._credentials is None else self._credentials.expires_at
+
+    def _grant(self, credentials: Credentials) -> None:
+        self._credentials = credentials
+        self._expiry = plan_expiry(
+            credentials.expires_at, credentials.grace,
+            wall_now=time.time(), clock_now=trio.current_time(),
+        )
+
+    def check_expiry(self, now: float) -> None:
+        """Close with 4001 once the credentials have expired (plus their grace), and send
+        ``token_expiring`` once per token before that; the manager's watchdog calls this with
+        trio's clock, so no connection needs a task or a cancel scope of its own for it."""
+        expiry = self._expiry
+        if now < expiry.warn_at and now < expiry.close_at:
+            return
+        credentials = self._credentials
+        if credentials is None or self._close_code is not None:
+            return
+        if now >= expiry.close_at:
+            self.close(CloseCode.TOKEN_EXPIRED, "token expired")
+            return
+        self._expiry = attrs.evolve(expiry, warn_at=float("inf"))
+        self.enqueue((token_expiring_frame(credentials.expires_at),))
+
     async def _read_loop(self) -> None:
         config = self._owner.config
         while True:
@@ -489,6 +536,8 @@ class Connection:
                     self._refuse(ProtocolError("bad_frame", UNENCODABLE_REPLY))
                 else:
                     self.enqueue((pong,))
+            case Refresh(token=token):
+                await self._refresh(token)
             case CustomFrame():
                 try:
                     await self._owner.handle_custom(self, frame)
@@ -500,6 +549,38 @@ class Connection:
                 except TooManyRuns as exc:
                     # The handler started a run past Config.max_active_runs_per_user.
                     self._refuse(ProtocolError("too_many_runs", str(exc)))
+
+    async def _refresh(self, token: str) -> None:
+        """Renew the credentials: same user, equal or narrower threads; the old expiry stands
+        on any refusal (``bad_token``)."""
+        current = self._credentials
+        if current is None:
+            self._refuse(ProtocolError(
+                "bad_token", "this connection was not opened with a token, so it cannot refresh"
+            ))
+            return
+        try:
+            renewed = await current.refresh(token)
+            if renewed.user_id != current.user_id:
+                raise ClientError("bad_token", "the new token was issued to a different user")
+            try:
+                allowed = narrow_threads(self.allowed_threads, renewed.threads)
+            except ValueError as exc:
+                raise ClientError("bad_token", str(exc)) from None
+        except ClientError as exc:
+            self._refuse(ProtocolError("bad_token", exc.message))
+            return
+        if self._close_code is not None:
+            return  # closed (e.g. expired) while the token was checked
+        self._grant(renewed)
+        self.allowed_threads = allowed
+        if allowed is not None:
+            for thread_id in [t for t in self._subs if t not in allowed]:
+                del self._subs[thread_id]
+                self._held.pop(thread_id, None)
+                self._owner.index_unsubscribe(thread_id, self)
+                self.enqueue((unsubscribed_frame(thread_id),))
+        self.enqueue((refreshed_frame(renewed.expires_at),))
 
     async def _subscribe(self, request: Subscribe) -> None:
         """Ack, replay what was missed, then go live, with no gap and no duplicate.

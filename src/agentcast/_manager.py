@@ -22,6 +22,7 @@ from ._config import Config
 from ._context import UserContext
 from ._errors import ManagerNotReady, ManagerNotRunning
 from ._events import AgentEvent
+from ._ids import check_id
 from ._latency import DeliveryLatency
 from ._protocol import CloseCode
 from ._session import MessageHandler, UserSession
@@ -108,6 +109,25 @@ class ConnectionManager:
         await trio.lowlevel.checkpoint_if_cancelled()
         await self.broker.publish_all(event)
 
+    async def disconnect_user(
+        self, user_id: str, code: int = CloseCode.REVOKED, reason: str = "revoked"
+    ) -> int:
+        """Close every connection of ``user_id`` on this node and, through the broker, on
+        every node (a Redis broker publishes a control message on the user's channel). Runs
+        go on; the user's tokens are not touched (``agentcast revoke`` also refuses them).
+
+        Returns:
+            How many connections were open on this node.
+
+        Raises:
+            InvalidIdentifier: ``user_id`` is invalid.
+            BrokerUnavailable: the other nodes could not be told (this node's are closed).
+        """
+        check_id("user_id", user_id)
+        closed = self.close_user(user_id, code, reason)
+        await self.broker.publish_disconnect(user_id, code, reason)
+        return closed
+
     async def wait_ready(self) -> None:
         """Wait until the broker accepts publishes."""
         await self._ready.wait()
@@ -147,12 +167,25 @@ class ConnectionManager:
             for connection in session.connections():
                 connection.close(CloseCode.SERVICE_RESTART, reason)
 
+    def close_user(self, user_id: str, code: int, reason: str) -> int:
+        """Broker callback (and :meth:`disconnect_user`): close every connection of
+        ``user_id`` on this node; returns how many were open."""
+        session = self._sessions.get(user_id)
+        if session is None:
+            return 0
+        connections = [c for c in session.connections() if c.close_code is None]
+        for connection in connections:
+            connection.close(code, reason)
+        return len(connections)
+
     # ---- lifetime ---------------------------------------------------------------------------
 
     async def _watch_writes(self) -> None:
         """Cut writes stuck past ``write_timeout`` (a client that stopped reading), checking
         every eighth of it: one task for all connections instead of a cancel scope per write,
-        so a stuck write ends between ``write_timeout`` and 1.125 times it."""
+        so a stuck write ends between ``write_timeout`` and 1.125 times it. The same sweep
+        closes connections whose token expired (4001), within an eighth of ``write_timeout``
+        of the expiry: no task or cancel scope per idle connection."""
         period = self.config.write_timeout / 8
         while True:
             await trio.sleep(period)

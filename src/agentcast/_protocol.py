@@ -18,23 +18,30 @@ from ._ids import check_id
 
 __all__ = [
     "BATCH_SUBPROTOCOL",
+    "PLAIN_SUBPROTOCOL",
     "CancelRun",
     "ClientFrame",
     "CloseCode",
     "CustomFrame",
     "Ping",
     "ProtocolError",
+    "Refresh",
     "Subscribe",
     "Unsubscribe",
     "error_frame",
     "parse_client_frame",
     "pong_frame",
+    "refreshed_frame",
     "subscribed_frame",
+    "token_expiring_frame",
     "unsubscribed_frame",
 ]
 
 #: The WebSocket subprotocol a client offers to receive newline-delimited batches.
 BATCH_SUBPROTOCOL: Final = "agentcast.ndjson"
+#: The WebSocket subprotocol of the plain protocol (one frame per message), for clients that
+#: must offer a subprotocol (browsers sending ``bearer.<token>``) but do not batch.
+PLAIN_SUBPROTOCOL: Final = "agentcast.v1"
 #: Longest close reason allowed by RFC 6455 (the close frame payload is at most 125 bytes).
 MAX_CLOSE_REASON_BYTES: Final = 123
 #: Deepest nesting of arrays and objects accepted in a client frame (the frame object itself
@@ -67,6 +74,12 @@ class CloseCode(enum.IntEnum):
     #: The client did not keep up (queue full or a write past ``Config.write_timeout``);
     #: reconnect and resume with ``since_seq``.
     SLOW_CONSUMER = 4008
+    #: The token's ``exp`` (plus the leeway) passed without a valid ``refresh``; reconnect
+    #: with a new token and resume with ``since_seq``.
+    TOKEN_EXPIRED = 4001
+    #: The user was revoked (``disconnect_user``, ``agentcast revoke``); tokens issued before
+    #: the revocation are refused.
+    REVOKED = 4003
     #: Too many connections for this user; the oldest was closed to admit a new one.
     CONNECTION_LIMIT = 4009
     #: The client kept sending past the inbound rate limit.
@@ -122,6 +135,13 @@ class Ping:
 
 
 @attrs.frozen
+class Refresh:
+    """``{"type": "refresh", "token": NEW}``: renew the connection's credentials."""
+
+    token: str = attrs.field(repr=False)
+
+
+@attrs.frozen
 class CustomFrame:
     """Any other type; handed to the application's message handler (e.g. ``user_message``)."""
 
@@ -129,7 +149,7 @@ class CustomFrame:
     payload: dict[str, Any]
 
 
-ClientFrame = Subscribe | Unsubscribe | CancelRun | Ping | CustomFrame
+ClientFrame = Subscribe | Unsubscribe | CancelRun | Ping | Refresh | CustomFrame
 
 
 def _string_field(frame: dict[str, Any], name: str) -> str:
@@ -218,6 +238,11 @@ def parse_client_frame(text: str | bytes, *, max_bytes: int) -> ClientFrame:
         return CancelRun(_string_field(frame, "run_id"))
     if kind == "ping":
         return Ping(frame.get("id"))
+    if kind == "refresh":
+        token = frame.get("token")
+        if not isinstance(token, str) or not token:
+            raise ProtocolError("invalid_field", "refresh needs a non-empty string 'token'")
+        return Refresh(token)
     return CustomFrame(kind, frame)
 
 
@@ -244,6 +269,20 @@ def pong_frame(ping_id: Any = None) -> str:
     if ping_id is not None:
         frame["id"] = ping_id
     return _dump(frame)
+
+
+def _unix_seconds(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def refreshed_frame(expires_at: float) -> str:
+    """The answer to an accepted ``refresh``: the new expiry, Unix seconds."""
+    return _dump({"type": "refreshed", "expires_at": _unix_seconds(expires_at)})
+
+
+def token_expiring_frame(expires_at: float) -> str:
+    """Sent once per token, ``TOKEN_EXPIRING_NOTICE`` seconds before it expires."""
+    return _dump({"type": "token_expiring", "expires_at": _unix_seconds(expires_at)})
 
 
 def error_frame(code: str, message: str, **extra: Any) -> str:

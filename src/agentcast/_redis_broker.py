@@ -25,7 +25,7 @@ from ._config import Config
 from ._errors import BrokerUnavailable
 from ._events import AgentEvent
 from ._history import Recovery
-from ._redis_keys import ALL_CHANNEL, parse_user_message, user_channel
+from ._redis_keys import ALL_CHANNEL, parse_disconnect_message, parse_user_message, user_channel
 from ._redis_streams import CONNECT_TIMEOUT, StreamOps, first_leaf, redis_client, redis_down
 
 if TYPE_CHECKING:
@@ -141,6 +141,10 @@ class RedisBroker:
                 continue
             user_id = _user_of_channel(channel)
             try:
+                disconnect = parse_disconnect_message(data)
+                if disconnect is not None:
+                    sink.close_user(user_id, *disconnect)
+                    continue
                 thread_id, seq, frame = parse_user_message(data)
             except ValueError:
                 log.warning("ignored a malformed message on %s", channel)
@@ -217,6 +221,19 @@ class RedisBroker:
     async def publish_all(self, event: AgentEvent) -> None:
         """Publish a live-only event to every connection on every node."""
         await self._require_ops().publish_all(event)
+
+    async def publish_disconnect(self, user_id: str, code: int, reason: str) -> None:
+        """Publish a disconnect on the user's channel: every node holding the user closes its
+        connections (this one too, again: closing is idempotent)."""
+        await self._require_ops().publish_disconnect(user_id, code, reason)
+
+    async def set_revocation(self, user_id: str, cutoff: float) -> None:
+        """Store the user's revocation cut-off in Redis (see ``_redis_keys``)."""
+        await self._require_ops().set_revocation(user_id, cutoff)
+
+    async def revocation(self, user_id: str) -> float | None:
+        """The user's revocation cut-off from Redis, Unix seconds, or None."""
+        return await self._require_ops().revocation(user_id)
 
     async def recover(
         self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None

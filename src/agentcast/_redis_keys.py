@@ -12,10 +12,15 @@ Layout, for user ``u`` and thread ``t``:
 - ``agentcast:{u}:threads``       sorted set: thread ids of the user with a meta hash, scored by
   last use (Redis ``TIME`` seconds); bounds a user's streams (``Config.max_threads_per_user``)
 - ``agentcast:{u}:live``          pub/sub channel of the user (thread and user events)
+- ``agentcast:{u}:revoked``       string: revocation cut-off, Unix seconds; tokens of ``u``
+  issued at or before it are refused. Expires ``REVOCATION_TTL`` after the revocation (longer
+  than any token the server accepts lives).
 - ``agentcast:all``              pub/sub channel every node subscribes to (broadcasts)
 
 Channel messages: ``t <thread_id> <seq> <frame>`` for a thread event, ``u <frame>`` for a
-live-only user event; on ``agentcast:all`` the message is the frame itself.
+live-only user event, ``x <code> <reason>`` to close every connection of the user (revocation:
+only nodes holding the user subscribe to its channel, and only they have connections to
+close); on ``agentcast:all`` the message is the frame itself.
 """
 
 from __future__ import annotations
@@ -24,8 +29,17 @@ from typing import Final
 
 from ._events import AgentEvent, encode_envelope
 
+#: Seconds a revocation cut-off key lives: a day more than the longest token lifetime the
+#: server accepts (``server._auth.MAX_TOKEN_LIFETIME``, 8 days), so every token it refuses has
+#: expired before the key does.
+REVOCATION_TTL: Final = 9 * 24 * 3600
+
 __all__ = [
     "ALL_CHANNEL",
+    "REVOCATION_TTL",
+    "disconnect_message",
+    "parse_disconnect_message",
+    "revocation_key",
     "PUBLISH_SCRIPT",
     "RECOVER_SCRIPT",
     "meta_key",
@@ -115,6 +129,28 @@ def threads_key(user_id: str) -> str:
 def user_channel(user_id: str) -> str:
     """The pub/sub channel of one user; a node subscribes while it holds the user."""
     return f"agentcast:{{{user_id}}}:live"
+
+
+def revocation_key(user_id: str) -> str:
+    """The string holding the user's revocation cut-off (Unix seconds)."""
+    return f"agentcast:{{{user_id}}}:revoked"
+
+
+def disconnect_message(code: int, reason: str) -> str:
+    """The user-channel message that closes every connection of the user on every node."""
+    return f"x {code} {reason}"
+
+
+def parse_disconnect_message(message: str) -> tuple[int, str] | None:
+    """(code, reason) of a disconnect message, or None if ``message`` is not one.
+
+    Raises:
+        ValueError: it starts like one but its code is not a number.
+    """
+    if not message.startswith("x "):
+        return None
+    code, _, reason = message[2:].partition(" ")
+    return int(code), reason
 
 
 def split_envelope(event: AgentEvent, thread_id: str | None, ts: float) -> tuple[str, str]:

@@ -26,7 +26,10 @@ from ._redis_keys import (
     META_GRACE,
     PUBLISH_SCRIPT,
     RECOVER_SCRIPT,
+    REVOCATION_TTL,
+    disconnect_message,
     meta_key,
+    revocation_key,
     split_envelope,
     stream_key,
     threads_key,
@@ -227,6 +230,23 @@ class StreamOps:
         frame = encode_envelope(event, thread_id=None, seq=None, ts=time.time())
         with redis_errors("publish"):
             await self.client.publish(ALL_CHANNEL, frame)
+
+    async def publish_disconnect(self, user_id: str, code: int, reason: str) -> None:
+        """Tell every node holding the user to close its connections."""
+        with redis_errors("publish"):
+            await self.client.publish(user_channel(user_id), disconnect_message(code, reason))
+
+    async def set_revocation(self, user_id: str, cutoff: float) -> None:
+        """Record that the user's tokens issued at or before ``cutoff`` are refused, for
+        ``REVOCATION_TTL`` seconds; a later cut-off replaces an earlier one."""
+        with redis_errors("revocation"):
+            await self.client.set(revocation_key(user_id), repr(cutoff), ex=REVOCATION_TTL)
+
+    async def revocation(self, user_id: str) -> float | None:
+        """The user's revocation cut-off, Unix seconds, or None."""
+        with redis_errors("revocation lookup"):
+            value = await self.client.get(revocation_key(user_id))
+        return None if value is None else float(value)
 
     async def recover(
         self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None

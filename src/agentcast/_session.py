@@ -20,6 +20,7 @@ import trio
 from ._broker import Broker
 from ._config import Config
 from ._connection import Connection
+from ._credentials import Credentials
 from ._errors import ClientError, SessionClosed, TooManyConnections, TooManyRuns
 from ._events import AgentEvent
 from ._history import Recovery
@@ -157,6 +158,7 @@ class UserSession:
         batch: bool | None = None,
         allowed_threads: Collection[str] | None = None,
         slot: ConnectionSlot | None = None,
+        credentials: Credentials | None = None,
     ) -> Connection:
         """Attach a transport; its writer and reader run in this session's nursery.
 
@@ -166,7 +168,9 @@ class UserSession:
         which threads the client may subscribe to, message and cancel runs on (None: all of
         this user's); others get a ``forbidden_thread`` error frame. ``slot`` is a place
         reserved by :meth:`reserve_connection` (the connection takes it over; on failure it is
-        released); without one a place is reserved here.
+        released); without one a place is reserved here. With ``credentials`` (e.g. the
+        server's verified token) the connection is closed with 4001 when they expire, unless
+        the client renews them with a ``refresh`` frame; without, it never expires.
 
         Raises:
             SessionClosed: the session has closed; get a fresh one.
@@ -192,7 +196,9 @@ class UserSession:
         assert self._nursery is not None
         if batch is None:
             batch = getattr(transport, "subprotocol", None) == BATCH_SUBPROTOCOL
-        connection = Connection.create(self, transport, batch=batch, allowed_threads=allowed)
+        connection = Connection.create(
+            self, transport, batch=batch, allowed_threads=allowed, credentials=credentials
+        )
         # The reservation becomes the connection in one step: the count never dips or doubles.
         slot._done = True
         self._reserved -= 1
@@ -216,13 +222,15 @@ class UserSession:
         batch: bool | None = None,
         allowed_threads: Collection[str] | None = None,
         slot: ConnectionSlot | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         """Add a connection and wait until it closes: the body of a WebSocket handler.
 
         If the caller is cancelled, the connection is closed with 1001 first.
         """
         connection = await self.add_connection(
-            transport, threads=threads, batch=batch, allowed_threads=allowed_threads, slot=slot
+            transport, threads=threads, batch=batch, allowed_threads=allowed_threads, slot=slot,
+            credentials=credentials,
         )
         await self.hold_connection(connection)
 
@@ -255,9 +263,11 @@ class UserSession:
         return True
 
     def check_writes(self, now: float) -> None:
-        """Close connections whose current write has outlasted ``write_timeout`` (4008)."""
+        """Close connections whose current write has outlasted ``write_timeout`` (4008), or
+        whose credentials have expired (4001, after ``token_expiring``)."""
         for connection in tuple(self._connections.values()):
             connection.check_write(now)
+            connection.check_expiry(now)
 
     def connections(self) -> list[Connection]:
         """This user's open connections."""

@@ -10,6 +10,7 @@ client's failure never reaches the listener.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Final
 
 import attrs
@@ -17,16 +18,20 @@ import orjson
 import trio
 from trio_websocket import wrap_server_stream
 
+from .._connection import Connection
 from .._context import UserContext
-from .._errors import TooManyConnections
+from .._errors import BrokerUnavailable, InvalidIdentifier, TooManyConnections
+from .._ids import check_id
 from .._manager import ConnectionManager
-from .._protocol import BATCH_SUBPROTOCOL
+from .._protocol import BATCH_SUBPROTOCOL, PLAIN_SUBPROTOCOL, CloseCode
 from .._session import ConnectionSlot
-from ._auth import AuthError, Claims, verify_token
+from ._admin import admin_refusal
+from ._auth import AuthError, Claims
 from ._front import HeadError, PrefixedStream, RequestHead, read_request_head, send_response
 from ._keepalive import Keepalive
 from ._metrics import CONTENT_TYPE, Metrics
 from ._settings import ServerSettings
+from ._tokens import MemoryRevocations, Revocations, TokenVerifier
 
 __all__ = ["Server"]
 
@@ -56,11 +61,19 @@ class Server:
     rejections: dict[str, int] = attrs.Factory(dict)
     demo_page: bytes | None = None
     metrics: Metrics | None = None
+    #: Revocation cut-offs: in memory on one node, in Redis when scaled out.
+    revocations: Revocations = attrs.Factory(MemoryRevocations)
     #: Pings every open WebSocket; :func:`serve` runs it in its handler nursery.
     keepalive: Keepalive = attrs.field(init=False)
+    #: Checks tokens at the handshake and on ``refresh`` (signature, claims, cut-off).
+    tokens: TokenVerifier = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.keepalive = Keepalive(self.settings.ping_interval, self.settings.ping_timeout)
+        self.tokens = TokenVerifier(
+            self.secret, self.revocations, leeway=self.settings.token_leeway,
+            issuer=self.settings.token_issuer, audience=self.settings.token_audience,
+        )
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Serve one TCP connection from its first byte to its close."""
@@ -97,6 +110,9 @@ class Server:
     # ---- plain HTTP -------------------------------------------------------------------------
 
     async def _http(self, stream: trio.abc.Stream, head: RequestHead) -> None:
+        if head.path == "/admin/revoke":
+            await self._admin_revoke(stream, head)
+            return
         if head.method not in ("GET", "HEAD"):
             await send_response(stream, 405, _json({"error": "only GET is supported"}))
             return
@@ -128,6 +144,34 @@ class Server:
             )
         else:
             await send_response(stream, 404, _json({"error": f"no such endpoint {path!r}"}))
+
+    async def _admin_revoke(self, stream: trio.abc.Stream, head: RequestHead) -> None:
+        """``POST /admin/revoke?user=U`` (admin token): refuse U's tokens issued until now, on
+        every node, and close U's connections everywhere with 4003."""
+        if head.method != "POST":
+            await send_response(stream, 405, _json({"error": "use POST /admin/revoke?user=U"}),
+                                extra_headers=[("Allow", "POST")])
+            return
+        refusal = admin_refusal(head.header("authorization"), self.settings.admin_token)
+        if refusal is not None:
+            await send_response(stream, refusal[0], _json({"error": refusal[1]}))
+            return
+        try:
+            user_id = check_id("user", head.query.get("user", [None])[0])
+        except InvalidIdentifier as exc:
+            await send_response(stream, 400, _json({"error": f"{exc}; pass ?user=U"}))
+            return
+        cutoff = time.time()
+        try:
+            await self.revocations.revoke(user_id, cutoff)
+            closed = await self.manager.disconnect_user(user_id, CloseCode.REVOKED, "revoked")
+        except BrokerUnavailable as exc:
+            await send_response(stream, 503, _json({"error": f"revocation failed: {exc}"}))
+            return
+        log.info("revoked the tokens of a user; closed %d connections here", closed)
+        await send_response(
+            stream, 200, _json({"user": user_id, "revoked_before": cutoff, "closed_here": closed})
+        )
 
     # ---- WebSocket upgrade ------------------------------------------------------------------
 
@@ -184,9 +228,10 @@ class Server:
             return None
         claimed = head.query.get("user", [None])[0]
         try:
-            claims = verify_token(self._token(head), self.secret, claimed_user=claimed)
+            claims = await self.tokens.admit(self._token(head), claimed_user=claimed)
         except AuthError as exc:
-            await self._refuse(stream, 401, f"auth_{exc.reason}", str(exc))
+            status = 503 if exc.reason == "unavailable" else 401
+            await self._refuse(stream, status, f"auth_{exc.reason}", str(exc))
             return None
         session = self.manager.get_websocket_manager(UserContext(user_id=claims.user_id))
         try:
@@ -199,10 +244,11 @@ class Server:
             value.strip() for value in (head.header("sec-websocket-protocol") or "").split(",")
             if value.strip()
         ]
-        # Browsers fail a handshake that offered subprotocols when none is selected, so a
-        # client offering only its bearer token gets that entry back.
-        subprotocol = BATCH_SUBPROTOCOL if BATCH_SUBPROTOCOL in offered else next(
-            (value for value in offered if value.lower().startswith(BEARER_PREFIX)), None
+        # Only one of ours is ever selected, never the bearer entry (that would echo the
+        # token in the response). A browser that offers only bearer.<token> then fails the
+        # handshake, so it must offer agentcast.v1 or agentcast.ndjson too.
+        subprotocol = next(
+            (ours for ours in (BATCH_SUBPROTOCOL, PLAIN_SUBPROTOCOL) if ours in offered), None
         )
         return claims, subprotocol, slot
 
@@ -227,13 +273,26 @@ class Server:
                     return
                 # A token naming threads subscribes to them and confines the client to them.
                 connection = await session.add_connection(
-                    ws, threads=claims.threads, allowed_threads=claims.threads or None, slot=slot
+                    ws, threads=claims.threads, allowed_threads=claims.threads or None,
+                    slot=slot, credentials=self.tokens.grant(claims),
                 )
             finally:
                 slot.release()
+            await self._recheck_revocation(connection, claims)
             watch = self.keepalive.watch(ws, connection)
             try:
                 await session.hold_connection(connection)
             finally:
                 self.keepalive.unwatch(watch)
             nursery.cancel_scope.cancel()
+
+    async def _recheck_revocation(self, connection: Connection, claims: Claims) -> None:
+        """Close a just-registered connection whose user was revoked during its handshake (the
+        revocation closed the user's connections before this one was counted among them)."""
+        try:
+            revoked = await self.tokens.revoked(claims)
+        except AuthError:
+            connection.close(CloseCode.SERVICE_RESTART, "revocation list unavailable; retry")
+            return
+        if revoked:
+            connection.close(CloseCode.REVOKED, "revoked")

@@ -58,6 +58,9 @@ class MeteredBroker:
         await self.inner.publish_all(event)
         self.published[event.type] += 1
 
+    async def publish_disconnect(self, user_id: str, code: int, reason: str) -> None:
+        await self.inner.publish_disconnect(user_id, code, reason)
+
     async def recover(
         self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None
     ) -> Recovery:

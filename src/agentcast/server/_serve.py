@@ -27,6 +27,7 @@ from ._app import Server
 from ._auth import check_secret, issue_token
 from ._metrics import Metrics
 from ._settings import ServerSettings
+from ._tokens import MemoryRevocations, RedisRevocations, Revocations
 
 __all__ = ["DEMO_USER", "RunningServer", "serve"]
 
@@ -118,7 +119,12 @@ async def serve(
             listeners = await _listeners(settings)
             port = listeners[0].socket.getsockname()[1]
             origins = frozenset({f"http://{settings.host}:{port}", f"http://localhost:{port}"})
-            server = Server(settings, manager, secret, own_origins=origins, metrics=metrics)
+            revocations: Revocations = (
+                RedisRevocations(inner) if isinstance(inner, RedisBroker)
+                else MemoryRevocations()
+            )
+            server = Server(settings, manager, secret, own_origins=origins, metrics=metrics,
+                            revocations=revocations)
             metrics.watch(manager, server.rejections)
             handlers.start_soon(server.keepalive.run, name="agentcast.server.keepalive")
             if settings.demo:

@@ -7,6 +7,7 @@ from typing import Any, Final
 import attrs
 
 from .._config import Config, positive
+from ._auth import LEEWAY
 
 __all__ = ["ServerSettings"]
 
@@ -52,6 +53,14 @@ class ServerSettings:
     #: Bearer token (at least 32 bytes) that ``/stats``, ``/config``, ``/metrics`` and the admin
     #: actions require; None turns those endpoints off (403). ``demo`` generates one.
     admin_token: str | None = attrs.field(default=None, repr=False)
+    #: Seconds of clock difference tolerated on a token's ``exp`` and ``iat``: a connection is
+    #: closed with 4001 this long after its token's ``exp``.
+    token_leeway: float = attrs.field(default=LEEWAY, validator=attrs.validators.ge(0))
+    #: When set, tokens must carry this ``iss`` (``--token-issuer``).
+    token_issuer: str | None = None
+    #: When set, tokens must carry this ``aud`` (``--token-audience``); when None an ``aud``
+    #: claim is not checked.
+    token_audience: str | None = None
     #: ``redis://HOST:PORT/DB`` of the Redis backplane; None runs a single in-memory node.
     redis_url: str | None = None
     #: Bind with SO_REUSEPORT so several worker processes share the port (``--workers``).
