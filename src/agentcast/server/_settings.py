@@ -7,6 +7,7 @@ from typing import Any, Final
 import attrs
 
 from .._config import Config, positive
+from .._redact import redact_url
 
 __all__ = ["ServerSettings"]
 
@@ -20,6 +21,9 @@ MAX_CONNECTIONS_PER_USER: Final = 10
 MAX_HEADER_BYTES: Final = 8 * 1024
 #: Seconds a TCP connection has to send a complete request head.
 HANDSHAKE_TIMEOUT: Final = 10.0
+#: Seconds one HTTP response (a page, ``/metrics``, a refusal) may take to be written; a client
+#: that stops reading is cut off then, so it holds no task, socket or buffer.
+HTTP_WRITE_TIMEOUT: Final = 5.0
 #: Seconds between server keepalive pings on an open WebSocket.
 PING_INTERVAL: Final = 20.0
 #: Seconds a pong may take before the connection is dropped as dead.
@@ -47,13 +51,16 @@ class ServerSettings:
     )
     max_header_bytes: int = attrs.field(default=MAX_HEADER_BYTES, validator=positive)
     handshake_timeout: float = attrs.field(default=HANDSHAKE_TIMEOUT, validator=positive)
+    http_write_timeout: float = attrs.field(default=HTTP_WRITE_TIMEOUT, validator=positive)
     ping_interval: float = attrs.field(default=PING_INTERVAL, validator=positive)
     ping_timeout: float = attrs.field(default=PING_TIMEOUT, validator=positive)
     #: Bearer token (at least 32 bytes) that ``/stats``, ``/config``, ``/metrics`` and the admin
     #: actions require; None turns those endpoints off (403). ``demo`` generates one.
     admin_token: str | None = attrs.field(default=None, repr=False)
     #: ``redis://HOST:PORT/DB`` of the Redis backplane; None runs a single in-memory node.
-    redis_url: str | None = None
+    redis_url: str | None = attrs.field(
+        default=None, repr=lambda url: repr(None if url is None else redact_url(url))
+    )
     #: Bind with SO_REUSEPORT so several worker processes share the port (``--workers``).
     reuse_port: bool = False
     #: The core settings (queues, timeouts, history, inbound limits).
@@ -61,8 +68,9 @@ class ServerSettings:
 
     def redacted(self) -> dict[str, Any]:
         """These settings as JSON-ready data, with the secret and admin token replaced by
-        ``"***"``."""
+        ``"***"`` and the Redis URL's password masked (``redis://:***@host``)."""
         data = attrs.asdict(self)
         data["secret"] = None if self.secret is None else "***"
         data["admin_token"] = None if self.admin_token is None else "***"
+        data["redis_url"] = None if self.redis_url is None else redact_url(self.redis_url)
         return data
