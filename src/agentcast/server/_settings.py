@@ -15,6 +15,8 @@ __all__ = ["ServerSettings"]
 DEFAULT_HOST: Final = "127.0.0.1"
 #: Port the server binds when none is given.
 DEFAULT_PORT: Final = 8765
+#: Highest TCP port number; a larger one would silently wrap when bound.
+MAX_PORT: Final = 65535
 #: Connections one user may hold at once; one more is refused with HTTP 429.
 MAX_CONNECTIONS_PER_USER: Final = 10
 #: Largest request head (request line and headers), in bytes; larger gets 431.
@@ -30,13 +32,18 @@ PING_INTERVAL: Final = 20.0
 PING_TIMEOUT: Final = 20.0
 
 
+def _check_port(port: int) -> None:
+    if not 0 <= port <= MAX_PORT:
+        raise ValueError(f"the port must be between 0 and {MAX_PORT}, got {port}")
+
+
 @attrs.frozen(kw_only=True)
 class ServerSettings:
     """What ``agentcast serve`` runs with; the CLI builds it from flags and AGENTCAST_* vars."""
 
     host: str = DEFAULT_HOST
     #: 0 picks a free port; the bound address is printed on the first line of output.
-    port: int = DEFAULT_PORT
+    port: int = attrs.field(default=DEFAULT_PORT, validator=lambda _, __, port: _check_port(port))
     #: HS256 secret for tokens (at least 32 bytes); required unless ``demo``.
     secret: str | None = attrs.field(default=None, repr=False)
     #: Exact ``Origin`` values allowed to open a WebSocket; requests without Origin (non-browser
