@@ -16,6 +16,7 @@ import trio.testing
 from trio_websocket import open_websocket_url
 
 from agentcast import Config, UserContext, open_manager
+from agentcast._redact import redact_text, redact_url
 from agentcast.server import issue_token
 from agentcast.server._serve import RunningServer, serve
 from agentcast.server._settings import ServerSettings
@@ -202,3 +203,29 @@ async def test_health_is_public_and_says_only_readiness(admin_server: Running) -
     status, _, body = await admin_server.get("/health")
     assert status == 200
     assert json.loads(body) == {"status": "ok", "ready": True, "draining": False}
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:pw@host", "redis://:***@host"),
+        ("redis://user:pw@host:6379/0", "redis://user:***@host:6379/0"),
+        ("rediss://user:p@ss:w0rd@host/1", "rediss://user:***@host/1"),
+        ("redis://host:6379/0?password=pw&db=1", "redis://host:6379/0?password=***&db=1"),
+        ("redis://user@host", "redis://user@host"),
+        ("redis://host:6379/0", "redis://host:6379/0"),
+        ("redis://[", "redis://["),
+        ("not a url", "not a url"),
+    ],
+)
+def test_redact_url_masks_the_password_and_keeps_the_rest(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_redact_text_masks_the_url_and_its_password_anywhere_in_a_message() -> None:
+    url = "redis://app:s3cret-pw@db:6379/0"
+    text = f"connecting to {url} failed: AUTH s3cret-pw refused"
+    assert redact_text(text, url) == (
+        "connecting to redis://app:***@db:6379/0 failed: AUTH *** refused"
+    )
+    assert redact_text("no url here", None) == "no url here"

@@ -19,7 +19,7 @@ import attrs
 import h11
 import trio
 
-from ._http_rules import check_target
+from ._http_rules import Upgrade, check_target, decide_upgrade
 from ._settings import HTTP_WRITE_TIMEOUT
 
 __all__ = ["PrefixedStream", "RequestHead", "abort_stream", "read_request_head", "send_response"]
@@ -67,9 +67,8 @@ class RequestHead:
 
     @property
     def is_websocket_upgrade(self) -> bool:
-        return "websocket" in self.header_tokens("upgrade") and "upgrade" in self.header_tokens(
-            "connection"
-        )
+        """Whether this is a WebSocket handshake wsproto accepts (see ``decide_upgrade``)."""
+        return isinstance(decide_upgrade(self.method, self.http_version, self.headers), Upgrade)
 
 
 class HeadError(Exception):
