@@ -337,7 +337,15 @@ async def test_unparseable_heads_get_400_and_one_short_line_each_rate_limited(
         answer = await server.exchange(data)
         assert status_of(answer) == 400
         assert b"Content-Length" in answer
+    # h11 quotes the bad line in its message; none of it is echoed or logged (a token could
+    # be in it).
+    leaky = b"GET /ws?token=tok-SECRET-123 HTTP/1.1 junk\r\nHost: x\r\n\r\n"
+    answer = await server.exchange(leaky)
+    assert status_of(answer) == 400
+    assert b"tok-SECRET-123" not in answer
+    bad.append(leaky)
     records = [r for r in caplog.records if r.name.startswith("agentcast")]
+    assert not any("tok-SECRET-123" in r.getMessage() for r in records)
     assert len(records) == len(bad)
     assert all(r.exc_info is None and len(r.getMessage()) < 200 for r in records)
     # A flood of them logs at most REFUSAL_LOG_LIMIT lines a minute.

@@ -9,6 +9,7 @@ and oversized headers end here); an upgrade request is replayed into trio-websoc
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import struct
 from collections.abc import Sequence
@@ -26,6 +27,8 @@ __all__ = ["PrefixedStream", "RequestHead", "abort_stream", "read_request_head",
 
 #: Bytes read from the socket per call while reading a head.
 READ_CHUNK: Final = 4096
+#: The client bytes h11 quotes at the end of its error messages (``: bytearray(b'...')``).
+_QUOTED_INPUT: Final = re.compile(r":\s*(?:bytearray\()?b['\"].*$", re.DOTALL)
 #: ``SO_LINGER`` on, zero seconds: close with a reset, dropping unsent bytes at once.
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
@@ -92,7 +95,9 @@ async def read_request_head(stream: trio.abc.Stream, *, max_bytes: int) -> Reque
             event = parser.next_event()
         except h11.RemoteProtocolError as exc:
             status = 431 if len(raw) >= max_bytes else 400
-            raise HeadError(status, f"bad request: {exc}") from None
+            # h11 quotes the offending line, which may hold a token: never echo or log it.
+            reason = _QUOTED_INPUT.sub("", str(exc))
+            raise HeadError(status, f"bad request: {reason}") from None
         if isinstance(event, h11.Request):
             # h11 bounds an incomplete head only; one that arrived whole is checked here.
             if raw.find(b"\r\n\r\n") + 4 > max_bytes:
