@@ -70,6 +70,7 @@ ODD_HEADS: dict[str, tuple[str, list[str]]] = {
     "version 8": ("1.1", without("sec-websocket-version", "Sec-WebSocket-Version: 8")),
     "no version": ("1.1", without("sec-websocket-version")),
     "non-ascii host": ("1.1", without("host", "Host: \xe9t\xe9")),
+    "bad punycode host": ("1.1", without("host", "Host: xn--zzzz")),
     "non-ascii connection": ("1.1", without("connection", "Connection: Upgrade, \xff")),
     "non-ascii subprotocol": ("1.1", [*GOOD, "Sec-WebSocket-Protocol: \xff"]),
     "non-ascii extension": ("1.1", [*GOOD, "Sec-WebSocket-Extensions: \xff"]),
