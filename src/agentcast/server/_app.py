@@ -5,6 +5,10 @@ either a plain HTTP answer or, for ``GET /ws`` with a valid token and origin, a 
 connection served by the user's session. Refusals happen before the upgrade, with an HTTP
 status, so nothing is registered for a refused client. No exception leaves a handler: one
 client's failure never reaches the listener.
+
+What counts as an upgrade is ``_http_rules.decide_upgrade``: exactly what wsproto accepts, so
+trio-websocket never refuses (and then waits on) a head we handed it. Every answer is written
+within ``http_write_timeout``; ``/stats``, ``/config`` and ``/metrics`` need the admin token.
 """
 
 from __future__ import annotations
@@ -116,6 +120,7 @@ class Server:
                     if accepted is not None:
                         await self._serve_websocket(replay, *accepted)
                 if refused.cancelled_caught:
+                    self.rejections["bad_handshake"] = self.rejections.get("bad_handshake", 0) + 1
                     self._log_refusal(400, "the WebSocket library refused the handshake")
             else:
                 await self._http(stream, head)
