@@ -217,7 +217,10 @@ async def _run(settings: ServerSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``agentcast`` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exited:  # --help (0) or a bad argument (2, its line already printed)
+        return exited.code if isinstance(exited.code, int) else 2
     if args.command == "token":
         if not args.secret:
             print("agentcast token: --secret (or AGENTCAST_SECRET) is required", file=sys.stderr)
