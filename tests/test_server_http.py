@@ -273,7 +273,7 @@ def status_of(answer: bytes) -> int:
 @pytest.fixture
 async def server() -> AsyncIterator[Running]:
     settings = ServerSettings(
-        port=0, secret=SECRET, demo=True, handshake_timeout=5.0, http_write_timeout=0.5,
+        port=0, secret=SECRET, demo=True, handshake_timeout=5.0, http_write_timeout=1.0,
         core=Config(shutdown_timeout=2.0),
     )
     stop = trio.Event()
