@@ -42,4 +42,7 @@ def test_a_negative_threshold_is_refused() -> None:
 
 def test_serve_refuses_a_negative_gc_threshold(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--demo", "--gc-threshold", "-5"]) == 2
-    assert "--gc-threshold must be 0 or positive, got -5" in capsys.readouterr().err
+    assert (
+        "--gc-threshold (or AGENTCAST_GC_THRESHOLD) must be an integer of at least 0, got '-5'"
+        in capsys.readouterr().err
+    )

@@ -28,6 +28,7 @@ class Running:
         self.server = running.server
         self.port = running.port
         self.stop = stop
+        self.admin_token = running.admin_token
 
     def url(self, path: str = "/ws") -> str:
         return f"ws://127.0.0.1:{self.port}{path}"
@@ -45,8 +46,10 @@ class Running:
                 response += chunk
         return response
 
-    async def get(self, path: str) -> tuple[int, dict[str, object]]:
-        response = await self.raw(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    async def get(self, path: str, *, admin: bool = False) -> tuple[int, dict[str, object]]:
+        """GET ``path``; ``admin`` sends the admin token that /stats, /config, /metrics need."""
+        auth = f"Authorization: Bearer {self.admin_token}\r\n" if admin else ""
+        response = await self.raw(f"GET {path} HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode())
         head, _, body = response.partition(b"\r\n\r\n")
         return int(head.split()[1]), json.loads(body)
 
@@ -90,10 +93,10 @@ async def server() -> AsyncIterator[Running]:
 
 async def test_health_stats_config_and_unknown_paths(server: Running) -> None:
     assert await server.get("/health") == (200, {"status": "ok", "ready": True, "draining": False})
-    status, stats = await server.get("/stats")
+    status, stats = await server.get("/stats", admin=True)
     assert status == 200
     assert stats["connections"] == 0
-    status, config = await server.get("/config")
+    status, config = await server.get("/config", admin=True)
     assert status == 200
     assert config["secret"] == "***"
     assert SECRET not in json.dumps(config)
@@ -110,7 +113,10 @@ async def test_metrics_expose_connections_events_and_rejections(server: Running)
         delivered = 1
         while json.loads(await ws.get_message())["type"] != "agent_completed":
             delivered += 1
-        text = (await server.raw(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")).decode()
+        text = (await server.raw(
+            f"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.admin_token}"
+            "\r\n\r\n".encode()
+        )).decode()
     assert text.startswith("HTTP/1.1 200")
     assert "agentcast_connections 1.0" in text
     assert 'agentcast_events_published_total{type="agent_started"} 1.0' in text
@@ -148,7 +154,7 @@ async def test_bad_tokens_get_401_and_are_counted(server: Running) -> None:
     assert await server.handshake(f"/ws?token={forged}") == 401
     assert await server.handshake(f"/ws?token={expired}") == 401
     assert await server.handshake(f"/ws?token={server.token()}&user=bob") == 401
-    _, stats = await server.get("/stats")
+    _, stats = await server.get("/stats", admin=True)
     rejections = stats["handshake_rejections"]
     assert isinstance(rejections, dict)
     assert sum(rejections.values()) == 4

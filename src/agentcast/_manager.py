@@ -100,6 +100,10 @@ class ConnectionManager:
             session.touch()
         return session
 
+    def user_ids(self) -> list[str]:
+        """The users with a live session, sorted (a stable order to page through)."""
+        return sorted(self._sessions)
+
     def session(self, user_id: str) -> UserSession | None:
         """The live session of ``user_id``, if any (does not create one)."""
         return self._sessions.get(user_id)
@@ -217,18 +221,27 @@ class ConnectionManager:
         finally:
             self._root.cancel_scope.cancel()
 
-    def get_stats(self) -> ManagerStats:
-        """A snapshot of every session, with totals that include closed sessions."""
-        per_user = {user_id: s.get_stats() for user_id, s in self._sessions.items()}
+    def get_stats(self, *, per_user: bool = True) -> ManagerStats:
+        """A snapshot of every session, with totals that include closed sessions.
+
+        Args:
+            per_user: include a :class:`SessionStats` per live user; False leaves ``per_user``
+                empty and skips building those snapshots (what the server's ``/stats`` uses,
+                so polling it costs little with thousands of users online).
+        """
+        sessions = self._sessions.values()
+        per_user_stats = (
+            {user_id: s.get_stats() for user_id, s in self._sessions.items()} if per_user else {}
+        )
         totals = Counters()
         totals.add(self._retired)
-        for session in self._sessions.values():
+        for session in sessions:
             totals.add(session.counters)
         broker = self.broker.statistics()
         return ManagerStats(
-            users=len(per_user),
-            connections=sum(s.connections for s in per_user.values()),
-            active_runs=sum(s.active_runs for s in per_user.values()),
+            users=len(self._sessions),
+            connections=sum(len(s.connections()) for s in sessions),
+            active_runs=sum(len(s.active_runs()) for s in sessions),
             live_tasks=count_tasks(self._root),
             sessions_closed=self._sessions_closed,
             session_crashes=self._session_crashes,
@@ -236,7 +249,7 @@ class ConnectionManager:
             broker_retained_events=broker.retained_events,
             broker_retained_bytes=broker.retained_bytes,
             delivery_latency=self.delivery_latency.snapshot(),
-            per_user=per_user,
+            per_user=per_user_stats,
             **attrs.asdict(totals),
         )
 

@@ -25,6 +25,7 @@ from ._config import Config
 from ._errors import BrokerUnavailable
 from ._events import AgentEvent
 from ._history import Recovery
+from ._redact import redact_text, redact_url
 from ._redis_keys import ALL_CHANNEL, parse_disconnect_message, parse_user_message, user_channel
 from ._redis_streams import CONNECT_TIMEOUT, StreamOps, first_leaf, redis_client, redis_down
 
@@ -52,7 +53,7 @@ class RedisBroker:
         config: the manager's config (history size and TTL).
     """
 
-    url: str
+    url: str = attrs.field(repr=redact_url)
     config: Config = attrs.Factory(Config)
     _ops: StreamOps | None = None
     _pubsub: PubSub[str] | None = None
@@ -88,15 +89,17 @@ class RedisBroker:
     def _went_down(self, exc: BaseException) -> None:
         was_ready = self.ready
         self._ops = self._pubsub = None
-        self._reason = f"redis unavailable at {self.url}: {exc}"
+        # The reason reaches /health and the logs: never the URL's password.
+        error = redact_text(str(exc), self.url)
+        self._reason = f"redis unavailable at {redact_url(self.url)}: {error}"
         self._reconnects += 1
         if was_ready:
-            log.warning("lost the Redis backplane (%s); closing connections with 1012", exc)
+            log.warning("lost the Redis backplane (%s); closing connections with 1012", error)
             sink = self._sink
             if sink is not None:
                 sink.reset_connections(RESTART_REASON)
         else:
-            log.info("Redis backplane still unavailable: %s", exc)
+            log.info("Redis backplane still unavailable: %s", error)
 
     async def _connected_session(self, task_status: trio.TaskStatus[None] | None) -> None:
         client = redis_client(self.url)
@@ -120,7 +123,7 @@ class RedisBroker:
                     self._ops, self._pubsub = ops, pubsub
                     self._reconnects = 0
                     self._reason = ""
-                    log.info("connected to the Redis backplane at %s", self.url)
+                    log.info("connected to the Redis backplane at %s", redact_url(self.url))
                     if task_status is not None:
                         self._announced = True
                         task_status.started()

@@ -20,6 +20,7 @@ from ._config import Config
 from ._events import AgentEvent
 from ._ids import check_id, new_id
 from ._lifecycle import RunEmitter, decide_terminal, elapsed_ms, started_event
+from ._redact import redact_url
 from ._redis_streams import CONNECT_TIMEOUT, StreamOps, redis_client, redis_errors
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ class RedisPublisher:
 
     def __repr__(self) -> str:
         state = "open" if self._ops is not None else "closed"
-        return f"<RedisPublisher {self.url!r} {state}>"
+        return f"<RedisPublisher {redact_url(self.url)!r} {state}>"
 
     async def __aenter__(self) -> RedisPublisher:
         client = redis_client(self.url)

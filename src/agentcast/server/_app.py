@@ -5,12 +5,17 @@ either a plain HTTP answer or, for ``GET /ws`` with a valid token and origin, a 
 connection served by the user's session. Refusals happen before the upgrade, with an HTTP
 status, so nothing is registered for a refused client. No exception leaves a handler: one
 client's failure never reaches the listener.
+
+What counts as an upgrade is ``_http_rules.decide_upgrade``: exactly what wsproto accepts, so
+trio-websocket never refuses (and then waits on) a head we handed it. Every answer is written
+within ``http_write_timeout``; ``/stats``, ``/config`` and ``/metrics`` need the admin token.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any, Final
 
 import attrs
@@ -24,10 +29,12 @@ from .._errors import BrokerUnavailable, InvalidIdentifier, TooManyConnections
 from .._ids import check_id
 from .._manager import ConnectionManager
 from .._protocol import BATCH_SUBPROTOCOL, PLAIN_SUBPROTOCOL, CloseCode
+from .._redact import MASK, redact_text
 from .._session import ConnectionSlot
 from ._admin import admin_refusal
 from ._auth import AuthError, Claims
 from ._front import HeadError, PrefixedStream, RequestHead, read_request_head, send_response
+from ._http_rules import ALLOW, LogLimiter, Refusal, Upgrade, decide_upgrade, stats_page
 from ._keepalive import Keepalive
 from ._metrics import CONTENT_TYPE, Metrics
 from ._settings import ServerSettings
@@ -41,6 +48,15 @@ log = logging.getLogger("agentcast.server")
 BEARER_PREFIX: Final = "bearer."
 #: The WebSocket version we speak (RFC 6455).
 WEBSOCKET_VERSION: Final = "13"
+#: The endpoints that need ``Authorization: Bearer <admin token>`` (see ``_admin``).
+ADMIN_PATHS: Final = frozenset({"/stats", "/config", "/metrics"})
+#: Log lines about refused request heads (garbage, bad targets, odd upgrades) per
+#: :data:`REFUSAL_LOG_PERIOD`; the rest are counted and the count logged with the next line.
+REFUSAL_LOG_LIMIT: Final = 10
+#: Seconds of the refusal log window.
+REFUSAL_LOG_PERIOD: Final = 60.0
+#: Longest client-derived text in one refusal log line.
+REFUSAL_LOG_CHARS: Final = 100
 
 
 def _json(data: Any) -> bytes:
@@ -67,6 +83,10 @@ class Server:
     keepalive: Keepalive = attrs.field(init=False)
     #: Checks tokens at the handshake and on ``refresh`` (signature, claims, cut-off).
     tokens: TokenVerifier = attrs.field(init=False)
+    #: Rate limit of the log lines about refused request heads.
+    refusal_log: LogLimiter = attrs.Factory(
+        lambda: LogLimiter(REFUSAL_LOG_LIMIT, REFUSAL_LOG_PERIOD)
+    )
 
     def __attrs_post_init__(self) -> None:
         self.keepalive = Keepalive(self.settings.ping_interval, self.settings.ping_timeout)
@@ -86,19 +106,36 @@ class Server:
                     )
                 except HeadError as exc:
                     if exc.status:
-                        await send_response(stream, exc.status, _json({"error": str(exc)}))
+                        self._log_refusal(exc.status, str(exc))
+                        await self._respond(stream, exc.status, {"error": str(exc)})
                     return
             if head is None:
                 return  # no complete request head in time (slowloris): just close
-            if head.is_websocket_upgrade:
+            decision = decide_upgrade(head.method, head.http_version, head.headers)
+            if isinstance(decision, Refusal):
+                # A WebSocket attempt wsproto would refuse: answered here, so no handshake
+                # waiter is left behind in trio-websocket.
+                reason = {405: "method", 426: "version"}.get(decision.status, "bad_handshake")
+                self.rejections[reason] = self.rejections.get(reason, 0) + 1
+                self._log_refusal(decision.status, decision.message)
+                await self._respond(
+                    stream, decision.status, {"error": decision.message},
+                    extra_headers=decision.headers,
+                )
+            elif isinstance(decision, Upgrade):
                 accepted = await self._authorize(stream, head)
-                # trio-websocket parses the head again: the stream replays its bytes once.
-                replay = PrefixedStream(stream, head.raw)
-                # Not kept for the connection's lifetime: per idle connection, the parsed
-                # headers weigh as much as agentcast's own state.
-                del head
-                if accepted is not None:
-                    await self._serve_websocket(replay, *accepted)
+                with trio.CancelScope() as refused:
+                    # trio-websocket parses the head again: the stream replays its bytes once;
+                    # should it still refuse the handshake, closing the stream cancels this.
+                    replay = PrefixedStream(stream, head.raw, on_refused=refused)
+                    # Not kept for the connection's lifetime: per idle connection, the parsed
+                    # headers weigh as much as agentcast's own state.
+                    del head
+                    if accepted is not None:
+                        await self._serve_websocket(replay, *accepted)
+                if refused.cancelled_caught:
+                    self.rejections["bad_handshake"] = self.rejections.get("bad_handshake", 0) + 1
+                    self._log_refusal(400, "the WebSocket library refused the handshake")
             else:
                 await self._http(stream, head)
         except* Exception:
@@ -107,6 +144,28 @@ class Server:
         finally:
             await trio.aclose_forcefully(stream)
 
+    def _log_refusal(self, status: int, message: str) -> None:
+        """One short line per refused request head, at most REFUSAL_LOG_LIMIT a minute."""
+        admitted, held_back = self.refusal_log.admit(trio.current_time())
+        if held_back:
+            log.info("%d more refused requests were not logged", held_back)
+        if admitted:
+            log.info("refused a request with %d: %.*s", status, REFUSAL_LOG_CHARS, message)
+
+    async def _respond(
+        self, stream: trio.abc.Stream, status: int, body: Any, *,
+        head: RequestHead | None = None, content_type: str = "application/json",
+        extra_headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """Answer with ``body`` (bytes as they are, anything else as JSON) within
+        ``http_write_timeout``; a ``HEAD`` request gets the headers only."""
+        await send_response(
+            stream, status, body if isinstance(body, bytes) else _json(body),
+            content_type=content_type, extra_headers=extra_headers,
+            head_only=head is not None and head.method == "HEAD",
+            write_timeout=self.settings.http_write_timeout,
+        )
+
     # ---- plain HTTP -------------------------------------------------------------------------
 
     async def _http(self, stream: trio.abc.Stream, head: RequestHead) -> None:
@@ -114,63 +173,127 @@ class Server:
             await self._admin_revoke(stream, head)
             return
         if head.method not in ("GET", "HEAD"):
-            await send_response(stream, 405, _json({"error": "only GET is supported"}))
+            await self._respond(
+                stream, 405, {"error": f"only {ALLOW} are supported"}, head=head,
+                extra_headers=[("Allow", ALLOW)],
+            )
             return
         path = head.path
         if path == "/health":
-            broker = self.manager.broker.statistics()
-            ready = not self.draining and broker.ready
-            body = {"status": "ok" if ready else ("draining" if self.draining else "not_ready"),
-                    "ready": ready, "draining": self.draining}
-            if broker.reason:
-                body["reason"] = broker.reason
-            await send_response(stream, 200 if ready else 503, _json(body))
-        elif path == "/stats":
-            stats = attrs.asdict(self.manager.get_stats())
-            stats["handshake_rejections"] = dict(self.rejections)
-            await send_response(stream, 200, _json(stats))
-        elif path == "/metrics" and self.metrics is not None:
-            await send_response(stream, 200, self.metrics.render(), content_type=CONTENT_TYPE)
-        elif path == "/config":
-            await send_response(stream, 200, _json(self.settings.redacted()))
+            await self._health(stream, head)
+        elif path in ADMIN_PATHS:
+            await self._admin(stream, head, path)
         elif path == "/ws":
-            await send_response(
-                stream, 426, _json({"error": "this endpoint needs a WebSocket upgrade"}),
+            await self._respond(
+                stream, 426, {"error": "this endpoint needs a WebSocket upgrade"}, head=head,
                 extra_headers=[("Upgrade", "websocket")],
             )
         elif path == "/" and self.demo_page is not None:
-            await send_response(
-                stream, 200, self.demo_page, content_type="text/html; charset=utf-8"
+            await self._respond(
+                stream, 200, self.demo_page, head=head, content_type="text/html; charset=utf-8"
             )
         else:
-            await send_response(stream, 404, _json({"error": f"no such endpoint {path!r}"}))
+            await self._respond(stream, 404, {"error": f"no such endpoint {path!r}"}, head=head)
+
+    async def _health(self, stream: trio.abc.Stream, head: RequestHead) -> None:
+        """Public: ``status``, ``ready``, ``draining`` and, when not ready, a ``reason``."""
+        broker = self.manager.broker.statistics()
+        ready = not self.draining and broker.ready
+        body: dict[str, Any] = {
+            "status": "ok" if ready else ("draining" if self.draining else "not_ready"),
+            "ready": ready, "draining": self.draining,
+        }
+        if broker.reason:
+            body["reason"] = self._scrub(broker.reason)
+        await self._respond(stream, 200 if ready else 503, body, head=head)
+
+    def _scrub(self, text: str) -> str:
+        """``text`` without any credential this server knows (a broker's reason is written by
+        whatever broker an embedder passed, so it is not trusted to have done it)."""
+        text = redact_text(text, self.settings.redis_url)
+        for credential in (self.secret, self.settings.admin_token):
+            if credential:
+                text = text.replace(credential, MASK)
+        return text
+
+    async def _admin_refused(self, stream: trio.abc.Stream, head: RequestHead) -> bool:
+        """True (and the refusal answered) unless the request carries the admin token."""
+        refusal = admin_refusal(head.header("authorization"), self.settings.admin_token)
+        if refusal is None:
+            return False
+        status, message = refusal
+        challenge = [("WWW-Authenticate", "Bearer")] if status == 401 else []
+        await self._respond(stream, status, {"error": message}, head=head, extra_headers=challenge)
+        return True
+
+    async def _admin(self, stream: trio.abc.Stream, head: RequestHead, path: str) -> None:
+        """``/stats``, ``/config`` and ``/metrics``, for the admin token's bearer only."""
+        if await self._admin_refused(stream, head):
+            return
+        if path == "/stats":
+            status, stats = self._stats(head)
+            await self._respond(stream, status, stats, head=head)
+        elif path == "/metrics" and self.metrics is not None:
+            await self._respond(
+                stream, 200, self.metrics.render(), head=head, content_type=CONTENT_TYPE
+            )
+        elif path == "/config":
+            await self._respond(stream, 200, self.settings.redacted(), head=head)
+        else:
+            await self._respond(stream, 404, {"error": f"no such endpoint {path!r}"}, head=head)
+
+    def _stats(self, head: RequestHead) -> tuple[int, dict[str, Any]]:
+        """Totals (no user ids: their cost does not grow with the users online), and with
+        ``?users=1`` one page of per-user snapshots (``offset``, ``limit`` at most 100)."""
+        stats = attrs.asdict(self.manager.get_stats(per_user=False))
+        del stats["per_user"]
+        stats["handshake_rejections"] = dict(self.rejections)
+        if head.query.get("users", ["0"])[-1] not in ("1", "true"):
+            return 200, stats
+        page = stats_page(head.query)
+        if isinstance(page, str):
+            return 400, {"error": page}
+        offset, limit = page
+        user_ids = self.manager.user_ids()
+        per_user = {}
+        for user_id in user_ids[offset:offset + limit]:
+            session = self.manager.session(user_id)
+            if session is not None:
+                per_user[user_id] = attrs.asdict(session.get_stats())
+        end = min(offset + limit, len(user_ids))
+        stats["per_user"] = per_user
+        stats["page"] = {
+            "offset": offset, "limit": limit, "total": len(user_ids),
+            "next_offset": end if end < len(user_ids) else None,
+        }
+        return 200, stats
 
     async def _admin_revoke(self, stream: trio.abc.Stream, head: RequestHead) -> None:
         """``POST /admin/revoke?user=U`` (admin token): refuse U's tokens issued until now, on
         every node, and close U's connections everywhere with 4003."""
         if head.method != "POST":
-            await send_response(stream, 405, _json({"error": "use POST /admin/revoke?user=U"}),
-                                extra_headers=[("Allow", "POST")])
+            await self._respond(
+                stream, 405, {"error": "use POST /admin/revoke?user=U"}, head=head,
+                extra_headers=[("Allow", "POST")],
+            )
             return
-        refusal = admin_refusal(head.header("authorization"), self.settings.admin_token)
-        if refusal is not None:
-            await send_response(stream, refusal[0], _json({"error": refusal[1]}))
+        if await self._admin_refused(stream, head):
             return
         try:
             user_id = check_id("user", head.query.get("user", [None])[0])
         except InvalidIdentifier as exc:
-            await send_response(stream, 400, _json({"error": f"{exc}; pass ?user=U"}))
+            await self._respond(stream, 400, {"error": f"{exc}; pass ?user=U"})
             return
         cutoff = time.time()
         try:
             await self.revocations.revoke(user_id, cutoff)
             closed = await self.manager.disconnect_user(user_id, CloseCode.REVOKED, "revoked")
         except BrokerUnavailable as exc:
-            await send_response(stream, 503, _json({"error": f"revocation failed: {exc}"}))
+            await self._respond(stream, 503, {"error": f"revocation failed: {exc}"})
             return
         log.info("revoked the tokens of a user; closed %d connections here", closed)
-        await send_response(
-            stream, 200, _json({"user": user_id, "revoked_before": cutoff, "closed_here": closed})
+        await self._respond(
+            stream, 200, {"user": user_id, "revoked_before": cutoff, "closed_here": closed}
         )
 
     # ---- WebSocket upgrade ------------------------------------------------------------------
@@ -181,8 +304,7 @@ class Server:
     ) -> None:
         self.rejections[reason] = self.rejections.get(reason, 0) + 1
         log.info("refused a WebSocket handshake: %s", reason)  # never the token
-        await send_response(stream, status, _json({"error": message}),
-                            extra_headers=extra_headers or [])
+        await self._respond(stream, status, {"error": message}, extra_headers=extra_headers or [])
 
     def _origin_allowed(self, origin: str | None) -> bool:
         if origin is None:

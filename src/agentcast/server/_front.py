@@ -9,6 +9,9 @@ and oversized headers end here); an upgrade request is replayed into trio-websoc
 from __future__ import annotations
 
 import contextlib
+import re
+import socket
+import struct
 from collections.abc import Sequence
 from typing import Final
 from urllib.parse import parse_qs, urlsplit
@@ -17,10 +20,17 @@ import attrs
 import h11
 import trio
 
-__all__ = ["PrefixedStream", "RequestHead", "read_request_head", "send_response"]
+from ._http_rules import Upgrade, check_target, decide_upgrade
+from ._settings import HTTP_WRITE_TIMEOUT
+
+__all__ = ["PrefixedStream", "RequestHead", "abort_stream", "read_request_head", "send_response"]
 
 #: Bytes read from the socket per call while reading a head.
 READ_CHUNK: Final = 4096
+#: The client bytes h11 quotes at the end of its error messages (``: bytearray(b'...')``).
+_QUOTED_INPUT: Final = re.compile(r":\s*(?:bytearray\()?b['\"].*$", re.DOTALL)
+#: ``SO_LINGER`` on, zero seconds: close with a reset, dropping unsent bytes at once.
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
 
 @attrs.frozen
@@ -32,6 +42,8 @@ class RequestHead:
     headers: tuple[tuple[str, str], ...]
     #: Every byte read from the socket so far, to replay into the WebSocket handshake.
     raw: bytes
+    #: ``"1.1"`` or ``"1.0"``.
+    http_version: str = "1.1"
 
     @property
     def path(self) -> str:
@@ -58,9 +70,8 @@ class RequestHead:
 
     @property
     def is_websocket_upgrade(self) -> bool:
-        return "websocket" in self.header_tokens("upgrade") and "upgrade" in self.header_tokens(
-            "connection"
-        )
+        """Whether this is a WebSocket handshake wsproto accepts (see ``decide_upgrade``)."""
+        return isinstance(decide_upgrade(self.method, self.http_version, self.headers), Upgrade)
 
 
 class HeadError(Exception):
@@ -84,17 +95,24 @@ async def read_request_head(stream: trio.abc.Stream, *, max_bytes: int) -> Reque
             event = parser.next_event()
         except h11.RemoteProtocolError as exc:
             status = 431 if len(raw) >= max_bytes else 400
-            raise HeadError(status, f"bad request: {exc}") from None
+            # h11 quotes the offending line, which may hold a token: never echo or log it.
+            reason = _QUOTED_INPUT.sub("", str(exc))
+            raise HeadError(status, f"bad request: {reason}") from None
         if isinstance(event, h11.Request):
             # h11 bounds an incomplete head only; one that arrived whole is checked here.
             if raw.find(b"\r\n\r\n") + 4 > max_bytes:
                 raise HeadError(431, f"request head larger than {max_bytes} bytes")
+            target = event.target.decode("latin-1")
+            problem = check_target(target)
+            if problem is not None:
+                raise HeadError(400, f"bad request: {problem}")
             headers = tuple(
                 (name.decode("latin-1").lower(), value.decode("latin-1"))
                 for name, value in event.headers
             )
             return RequestHead(
-                event.method.decode("ascii"), event.target.decode("latin-1"), headers, bytes(raw)
+                event.method.decode("ascii"), target, headers, bytes(raw),
+                event.http_version.decode("ascii"),
             )
         if event is h11.NEED_DATA:
             try:
@@ -116,8 +134,19 @@ async def send_response(
     *,
     content_type: str = "application/json",
     extra_headers: Sequence[tuple[str, str]] = (),
-) -> None:
-    """Write a complete ``Connection: close`` response; the caller closes the stream."""
+    head_only: bool = False,
+    write_timeout: float = HTTP_WRITE_TIMEOUT,
+) -> bool:
+    """Write a complete ``Connection: close`` response within ``write_timeout`` seconds.
+
+    ``head_only`` (an answer to ``HEAD``) sends the headers, with the ``Content-Length`` of
+    ``body``, and no body. A write that does not finish in time (a client that stopped reading)
+    may have sent part of the answer, so the stream is aborted (see :func:`abort_stream`):
+    nothing of it stays buffered or open. Otherwise the caller closes the stream.
+
+    Returns:
+        True if the whole answer was written; False if the client left or was cut off.
+    """
     reasons = {
         200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
         404: "Not Found", 405: "Method Not Allowed", 426: "Upgrade Required",
@@ -132,17 +161,45 @@ async def send_response(
         "Cache-Control: no-store",
         *(f"{name}: {value}" for name, value in extra_headers),
     ]
-    payload = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
-    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        await stream.send_all(payload)  # a client that left needs no answer
+    payload = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+    if not head_only:
+        payload += body
+    with trio.move_on_after(write_timeout) as deadline:
+        try:
+            await stream.send_all(payload)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False  # a client that left needs no answer
+    if deadline.cancelled_caught:
+        await abort_stream(stream)
+        return False
+    return True
+
+
+async def abort_stream(stream: trio.abc.Stream) -> None:
+    """Close ``stream`` at once; a TCP socket is reset so the kernel drops what it still holds
+    for a peer that does not read (a plain close would keep those bytes until TCP gives up)."""
+    if isinstance(stream, trio.SocketStream):
+        # Already closed or not TCP: closing below is all there is to do.
+        with contextlib.suppress(OSError):
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    await trio.aclose_forcefully(stream)
 
 
 @attrs.define(eq=False)
 class PrefixedStream(trio.abc.Stream):
-    """A stream that first returns ``prefix`` (bytes already read), then reads ``inner``."""
+    """A stream that first returns ``prefix`` (bytes already read), then reads ``inner``.
+
+    ``on_refused`` is cancelled when the stream is closed before a ``101`` answer went out: the
+    WebSocket library refused the handshake itself, and its handshake waiter
+    (``wrap_server_stream``) would otherwise wait forever. The caller runs the handshake inside
+    that scope, so such a refusal ends the connection's task at once.
+    """
 
     inner: trio.abc.Stream
     prefix: bytes
+    on_refused: trio.CancelScope | None = None
+    #: True once the handshake's ``101 Switching Protocols`` was written.
+    upgraded: bool = False
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self.prefix:
@@ -153,10 +210,14 @@ class PrefixedStream(trio.abc.Stream):
         return bytes(await self.inner.receive_some(max_bytes))
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.upgraded and bytes(data[:12]) == b"HTTP/1.1 101":
+            self.upgraded = True
         await self.inner.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
+        if not self.upgraded and self.on_refused is not None:
+            self.on_refused.cancel()
         await self.inner.aclose()

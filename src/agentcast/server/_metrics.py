@@ -92,7 +92,7 @@ class _StatsCollector(Collector):
         manager = self.manager()
         if manager is None:
             return
-        stats = manager.get_stats()
+        stats = manager.get_stats(per_user=False)
         for name, value, text in [
             ("agentcast_connections", stats.connections, "Open WebSocket connections."),
             ("agentcast_users", stats.users, "Users with a live session."),

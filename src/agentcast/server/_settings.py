@@ -7,6 +7,7 @@ from typing import Any, Final
 import attrs
 
 from .._config import Config, positive
+from .._redact import redact_url
 from ._auth import LEEWAY
 
 __all__ = ["ServerSettings"]
@@ -15,16 +16,26 @@ __all__ = ["ServerSettings"]
 DEFAULT_HOST: Final = "127.0.0.1"
 #: Port the server binds when none is given.
 DEFAULT_PORT: Final = 8765
+#: Highest TCP port number; a larger one would silently wrap when bound.
+MAX_PORT: Final = 65535
 #: Connections one user may hold at once; one more is refused with HTTP 429.
 MAX_CONNECTIONS_PER_USER: Final = 10
 #: Largest request head (request line and headers), in bytes; larger gets 431.
 MAX_HEADER_BYTES: Final = 8 * 1024
 #: Seconds a TCP connection has to send a complete request head.
 HANDSHAKE_TIMEOUT: Final = 10.0
+#: Seconds one HTTP response (a page, ``/metrics``, a refusal) may take to be written; a client
+#: that stops reading is cut off then, so it holds no task, socket or buffer.
+HTTP_WRITE_TIMEOUT: Final = 5.0
 #: Seconds between server keepalive pings on an open WebSocket.
 PING_INTERVAL: Final = 20.0
 #: Seconds a pong may take before the connection is dropped as dead.
 PING_TIMEOUT: Final = 20.0
+
+
+def _check_port(port: int) -> None:
+    if not 0 <= port <= MAX_PORT:
+        raise ValueError(f"the port must be between 0 and {MAX_PORT}, got {port}")
 
 
 @attrs.frozen(kw_only=True)
@@ -33,7 +44,7 @@ class ServerSettings:
 
     host: str = DEFAULT_HOST
     #: 0 picks a free port; the bound address is printed on the first line of output.
-    port: int = DEFAULT_PORT
+    port: int = attrs.field(default=DEFAULT_PORT, validator=lambda _, __, port: _check_port(port))
     #: HS256 secret for tokens (at least 32 bytes); required unless ``demo``.
     secret: str | None = attrs.field(default=None, repr=False)
     #: Exact ``Origin`` values allowed to open a WebSocket; requests without Origin (non-browser
@@ -48,6 +59,7 @@ class ServerSettings:
     )
     max_header_bytes: int = attrs.field(default=MAX_HEADER_BYTES, validator=positive)
     handshake_timeout: float = attrs.field(default=HANDSHAKE_TIMEOUT, validator=positive)
+    http_write_timeout: float = attrs.field(default=HTTP_WRITE_TIMEOUT, validator=positive)
     ping_interval: float = attrs.field(default=PING_INTERVAL, validator=positive)
     ping_timeout: float = attrs.field(default=PING_TIMEOUT, validator=positive)
     #: Bearer token (at least 32 bytes) that ``/stats``, ``/config``, ``/metrics`` and the admin
@@ -62,7 +74,9 @@ class ServerSettings:
     #: claim is not checked.
     token_audience: str | None = None
     #: ``redis://HOST:PORT/DB`` of the Redis backplane; None runs a single in-memory node.
-    redis_url: str | None = None
+    redis_url: str | None = attrs.field(
+        default=None, repr=lambda url: repr(None if url is None else redact_url(url))
+    )
     #: Bind with SO_REUSEPORT so several worker processes share the port (``--workers``).
     reuse_port: bool = False
     #: The core settings (queues, timeouts, history, inbound limits).
@@ -70,8 +84,9 @@ class ServerSettings:
 
     def redacted(self) -> dict[str, Any]:
         """These settings as JSON-ready data, with the secret and admin token replaced by
-        ``"***"``."""
+        ``"***"`` and the Redis URL's password masked (``redis://:***@host``)."""
         data = attrs.asdict(self)
         data["secret"] = None if self.secret is None else "***"
         data["admin_token"] = None if self.admin_token is None else "***"
+        data["redis_url"] = None if self.redis_url is None else redact_url(self.redis_url)
         return data
