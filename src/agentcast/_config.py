@@ -42,6 +42,16 @@ TERMINAL_EVENT_TIMEOUT: Final = 2.0
 SHUTDOWN_TIMEOUT: Final = 5.0
 #: Characters of an agent's exception message carried by ``agent_error``.
 ERROR_MESSAGE_LIMIT: Final = 500
+#: Frames one inbound message may be split into (browsers send one; libraries a few dozen).
+MAX_FRAGMENTS_PER_MESSAGE: Final = 64
+#: Sustained inbound bytes per second per connection (standalone server; over it, reads wait).
+INBOUND_BYTES_PER_SECOND: Final = 256 * 1024
+#: Inbound bytes a connection may send at once above the sustained byte rate.
+INBOUND_BYTES_BURST: Final = 1024 * 1024
+#: Sustained inbound control frames (ping, pong, close) per second per connection.
+CONTROL_FRAMES_PER_SECOND: Final = 5.0
+#: Inbound control frames a connection may send in a burst above the sustained rate.
+CONTROL_FRAMES_BURST: Final = 20
 
 
 def positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -99,3 +109,22 @@ class Config:
     shutdown_timeout: float = attrs.field(default=SHUTDOWN_TIMEOUT, validator=positive)
     #: Characters of an agent exception's message sent in ``agent_error``.
     error_message_limit: int = attrs.field(default=ERROR_MESSAGE_LIMIT, validator=_non_negative)
+    #: Frames one inbound message may arrive in (standalone server); one more closes the
+    #: connection with 1008: each frame costs the server CPU however small it is.
+    max_fragments_per_message: int = attrs.field(
+        default=MAX_FRAGMENTS_PER_MESSAGE, validator=positive
+    )
+    #: Sustained inbound bytes per second per connection (standalone server). Past the burst,
+    #: the server reads the socket later (TCP backpressure): the client is slowed, not closed.
+    inbound_bytes_per_second: float = attrs.field(
+        default=INBOUND_BYTES_PER_SECOND, validator=positive
+    )
+    #: Inbound bytes allowed at once above the sustained byte rate (token bucket capacity).
+    inbound_bytes_burst: int = attrs.field(default=INBOUND_BYTES_BURST, validator=positive)
+    #: Sustained inbound control frames (ping, pong, close) per second per connection
+    #: (standalone server); past the burst the connection is closed with 4029.
+    control_frames_per_second: float = attrs.field(
+        default=CONTROL_FRAMES_PER_SECOND, validator=positive
+    )
+    #: Inbound control frames allowed in a burst above the sustained rate.
+    control_frames_burst: int = attrs.field(default=CONTROL_FRAMES_BURST, validator=positive)
