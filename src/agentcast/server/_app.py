@@ -22,6 +22,7 @@ from .._manager import ConnectionManager
 from .._protocol import BATCH_SUBPROTOCOL
 from ._auth import AuthError, Claims, verify_token
 from ._front import HeadError, PrefixedStream, RequestHead, read_request_head, send_response
+from ._inbound import InboundGuard
 from ._keepalive import Keepalive
 from ._metrics import CONTENT_TYPE, Metrics
 from ._settings import ServerSettings
@@ -77,8 +78,9 @@ class Server:
                 return  # no complete request head in time (slowloris): just close
             if head.is_websocket_upgrade:
                 accepted = await self._authorize(stream, head)
-                # trio-websocket parses the head again: the stream replays its bytes once.
-                replay = PrefixedStream(stream, head.raw)
+                # trio-websocket parses the head again: the stream replays its bytes once,
+                # over a guard that scans the frames that follow (limits below messages).
+                replay = PrefixedStream(*InboundGuard.under(stream, head.raw, self.settings.core))
                 # Not kept for the connection's lifetime: per idle connection, the parsed
                 # headers weigh as much as agentcast's own state.
                 del head
@@ -217,6 +219,9 @@ class Server:
             connection = await session.add_connection(
                 ws, threads=claims.threads, allowed_threads=claims.threads or None
             )
+            if isinstance(stream.inner, InboundGuard):
+                # Fragment floods, control-frame floods and RFC 6455 violations close it.
+                stream.inner.on_violation(connection.close)
             watch = self.keepalive.watch(ws, connection)
             try:
                 await session.hold_connection(connection)
