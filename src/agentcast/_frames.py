@@ -12,9 +12,9 @@ with the number of frames, not bytes. It counts frames, and checks each header a
 * ``max_fragments_per_message``: one frame more closes with 1008 (policy);
 * a token bucket of control frames (ping, pong, close) per second: past it, 4029.
 
-After the first violation the scanner keeps following headers but lets only the client's close
-frames through, so the server's close handshake can complete while nothing else the client
-sends reaches the WebSocket library. The byte rate is a :class:`TokenBucket` the I/O shell
+After the first violation the scanner stops: it passes nothing more and parses nothing more
+(the I/O shell stops reading that client altogether, so what it still sends costs no CPU and
+TCP backpressure stops it). The byte rate is a :class:`TokenBucket` the I/O shell
 charges per chunk and waits on before reading again (TCP backpressure, no CPU).
 """
 
@@ -147,8 +147,8 @@ class FrameScanner:
     """Follows one client's frame headers; create one per connection.
 
     :meth:`feed` returns the bytes to pass on to the WebSocket library: all of them while the
-    client keeps the rules, and once it breaks one (see :attr:`violation`), only its close
-    frames.
+    client keeps the rules, those before the offending frame when it breaks one (see
+    :attr:`violation`), and nothing after that.
     """
 
     limits: FrameLimits
@@ -159,8 +159,6 @@ class FrameScanner:
     _partial: bytes = b""
     #: Payload bytes of the current frame still to skip.
     _remaining: int = 0
-    #: Whether the current frame's payload is passed on (after a violation: close frames only).
-    _keep: bool = True
     #: Frames of the data message in progress (0: none in progress).
     _fragments: int = 0
     _bytes: int = 0
@@ -182,25 +180,22 @@ class FrameScanner:
         """Scan the next ``data`` a client sent at time ``now``; return what to pass on.
 
         Sets :attr:`violation` (once) when a header breaks a rule; the bytes before that
-        frame are passed on, the frame and everything after it except close frames are not.
-        A header split across chunks is held back until it is whole, so the library never
-        holds part of a frame the scanner refused.
+        frame are passed on, nothing from it on. A header split across chunks is held back
+        until it is whole, so the library never holds part of a frame the scanner refused.
         """
+        if self.violation is not None:
+            return b""
         self._bytes += len(data)
         if not self._partial and self._remaining >= len(data):
             self._remaining -= len(data)  # inside a payload: the common case for big messages
-            return data if self._keep else b""
+            return data
         if self._partial:
             data, self._partial = self._partial + data, b""
-        closing = self.violation is not None
-        out: list[bytes] | None = [] if closing else None
         size = len(data)
         pos = 0
         while pos < size:
             if self._remaining:
                 step = min(self._remaining, size - pos)
-                if out is not None and self._keep:
-                    out.append(data[pos:pos + step])
                 self._remaining -= step
                 pos += step
                 continue
@@ -216,9 +211,7 @@ class FrameScanner:
                 )
             if len(head) < header_size:
                 self._partial = head  # held back until the rest of the header arrives
-                if out is None:
-                    return data[:start]
-                break
+                return data[:start]
             pos += header_size
             first = head[0]
             length = extended if extended < 126 else int.from_bytes(
@@ -226,23 +219,13 @@ class FrameScanner:
             )
             self._remaining = length
             self._frames += 1
-            opcode = first & 0x0F
-            if opcode >= CLOSE:
+            if first & 0x0F >= CLOSE:
                 self._control_frames += 1
-            if out is not None:
-                # After a violation: only well-formed close frames, whole, reach the library.
-                self._keep = opcode == CLOSE and _check(first, second, length) is None
-                if self._keep:
-                    out.append(head[:header_size])
-                continue
             violation = self._judge(first, second, length, now)
             if violation is not None:
                 self.violation = violation
-                self._keep = False
-                out = [data[:start]]
-        if out is None:
-            return data
-        return b"".join(out)
+                return data[:start]
+        return data
 
     def _judge(self, first: int, second: int, length: int, now: float) -> FrameViolation | None:
         """Check one header against RFC 6455 and the limits; count a finished message."""

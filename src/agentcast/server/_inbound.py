@@ -9,8 +9,10 @@ frames per second) and charges it to a byte :class:`~agentcast._frames.TokenBuck
 * over the byte rate it simply reads later: TCP backpressure slows the client, costing the
   server no CPU, and the connection stays open;
 * on the first broken rule it calls the callback the server set (``Connection.close``), with
-  1002, 1008 or 4029, and from then on passes only the client's close frames upward, so the
-  close handshake completes and nothing else the client sends is parsed by wsproto.
+  1002, 1008 or 4029, and stops reading that client: the close frame still goes out, but
+  whatever the client sends after the offending frame (including a close reply) is neither
+  read nor parsed, so a flood costs no more CPU and TCP backpressure stalls the flooder. The
+  close then ends at ``Config.close_timeout``, when the connection's own deadline drops it.
 
 No task is added per connection: the guard runs inside trio-websocket's reader task.
 """
@@ -123,6 +125,9 @@ class InboundGuard(trio.abc.Stream):
         """
         size = min(max_bytes or READ_CHUNK, self._bytes.capacity)
         while True:
+            if self.scanner.violation is not None:
+                # Read nothing more: the connection's close deadline cancels this wait.
+                await trio.sleep_forever()
             delay = self._bytes.delay(trio.current_time())
             if delay:
                 self._throttled += delay
@@ -138,7 +143,7 @@ class InboundGuard(trio.abc.Stream):
             if passed:
                 self._passed += len(passed)
                 return passed
-            # A header split across reads, or input dropped after a violation: read on.
+            # Only part of a frame header so far: read on.
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.inner.send_all(data)
