@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import struct
 from collections.abc import AsyncIterator
@@ -44,7 +45,7 @@ SETTINGS = ServerSettings(
 
 
 @pytest.fixture
-async def fixture() -> AsyncIterator[Fixture]:
+async def fixture(caplog: pytest.LogCaptureFixture) -> AsyncIterator[Fixture]:
     stop = trio.Event()
     baseline = open_fds()
     with trio.fail_after(30):
@@ -65,6 +66,8 @@ async def fixture() -> AsyncIterator[Fixture]:
             assert all(user.live_tasks <= 1 for user in stats.per_user.values())
             stop.set()
     assert open_fds() <= baseline
+    # No handler failed on the way (e.g. trio-websocket answering a ping after the close).
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 @pytest.fixture

@@ -67,6 +67,8 @@ class InboundGuard(trio.abc.Stream):
     _bytes: TokenBucket
     _on_violation: OnViolation | None = None
     _reported: bool = False
+    #: The library has handled everything passed (it asked for more after a violation).
+    _drained: bool = False
     _received: int = 0
     _passed: int = 0
     _throttled: float = 0.0
@@ -99,7 +101,8 @@ class InboundGuard(trio.abc.Stream):
         return guard, raw_head[:end] + passed
 
     def on_violation(self, callback: OnViolation) -> None:
-        """Call ``callback(code, reason)`` on the first broken rule (at once if one was)."""
+        """Call ``callback(code, reason)`` on the first broken rule (at once if one was and
+        the library has handled everything passed before it)."""
         self._on_violation = callback
         self._report()
 
@@ -111,7 +114,7 @@ class InboundGuard(trio.abc.Stream):
 
     def _report(self) -> None:
         violation = self.scanner.violation
-        if violation is None or self._reported or self._on_violation is None:
+        if violation is None or not self._drained or self._reported or self._on_violation is None:
             return
         self._reported = True
         log.info("closing a connection with %d: %s", violation.close_code, violation.reason)
@@ -126,7 +129,12 @@ class InboundGuard(trio.abc.Stream):
         size = min(max_bytes or READ_CHUNK, self._bytes.capacity)
         while True:
             if self.scanner.violation is not None:
-                # Read nothing more: the connection's close deadline cancels this wait.
+                # The library asks for more, so it has handled every frame passed before the
+                # offending one (trio-websocket answers each ping as it handles it; a close
+                # sent earlier would make the pongs after it raise). Now close, and read
+                # nothing more: the connection's close deadline cancels this wait.
+                self._drained = True
+                self._report()
                 await trio.sleep_forever()
             delay = self._bytes.delay(trio.current_time())
             if delay:
@@ -139,11 +147,10 @@ class InboundGuard(trio.abc.Stream):
             self._received += len(data)
             self._bytes.charge(len(data), now)
             passed = self.scanner.feed(bytes(data), now)
-            self._report()
             if passed:
                 self._passed += len(passed)
                 return passed
-            # Only part of a frame header so far: read on.
+            # Only part of a frame header so far, or a violation: go round.
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.inner.send_all(data)
