@@ -223,3 +223,23 @@ def test_token_bucket_charges_into_debt_and_says_how_long_to_wait() -> None:
     assert bucket.tokens == 50.0  # never above capacity
     assert not bucket.take(51, 3.0)
     assert bucket.take(50, 3.0)
+
+
+def test_the_benchmark_floods_are_what_the_default_limits_stop() -> None:
+    """benchmarks/flooder.py's floods against the default limits: the fragment and ping floods
+    are closed (1008, 4029), the tiny-frame flood is exactly within the fragment cap."""
+    from benchmarks.flooder import FRAGMENT_FLOOD, PING_FLOOD, TINY_MESSAGE
+
+    defaults = FrameLimits.from_config(Config())
+    fragments = FrameScanner.create(defaults, now=0.0)
+    assert fragments.feed(FRAGMENT_FLOOD, 0.0) == FRAGMENT_FLOOD[:64 * 7]
+    assert fragments.violation is not None
+    assert fragments.violation.close_code == 1008
+    pings = FrameScanner.create(defaults, now=0.0)
+    assert len(pings.feed(PING_FLOOD, 0.0)) == 20 * 7
+    assert pings.violation is not None
+    assert pings.violation.close_code == 4029
+    tiny = FrameScanner.create(defaults, now=0.0)
+    assert tiny.feed(TINY_MESSAGE * 3, 0.0) == TINY_MESSAGE * 3
+    assert tiny.counts().messages == 3
+    assert tiny.counts().frames == 3 * 64
