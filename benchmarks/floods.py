@@ -54,7 +54,7 @@ FLOOD_QUICK: Final = FloodSizes(
 )
 FLOOD_FULL: Final = FloodSizes(
     runs=(("fragments",), ("pings",), ("tiny-frames",)), connections=4, load=(10, 4, 50, 6.0),
-    rounds=3,
+    rounds=5,
 )
 
 
@@ -119,6 +119,7 @@ async def floods(peer: Peer, sizes: Sizes, progress: Progress) -> list[dict[str,
     users, tabs, rate, seconds = flood.load
     drive = {"count": int(rate * seconds), "size": EVENT_SIZE, "rate": rate}
     calm: list[float] = []
+    calm_cpu: list[float] = []
     flooded: dict[tuple[str, ...], list[dict[str, Any]]] = {kinds: [] for kinds in flood.runs}
     lifetime = int(seconds + 120)
     for round_index in range(flood.rounds):
@@ -129,6 +130,7 @@ async def floods(peer: Peer, sizes: Sizes, progress: Progress) -> list[dict[str,
         )
         if load["latency_ms"]["p99"] is not None:
             calm.append(load["latency_ms"]["p99"])
+        calm_cpu.append(load["server_cpu"] / max(load["wall"], 1e-9))
         for kinds in flood.runs:
             name = "+".join(kinds)
             progress(f"floods: {name}, round {round_index + 1}/{flood.rounds}")
@@ -157,6 +159,7 @@ async def floods(peer: Peer, sizes: Sizes, progress: Progress) -> list[dict[str,
             "p99_undisturbed_rounds": calm, "p99_flooded_rounds": p99s,
             "p99_undisturbed": calm_p99, "p99_flooded": p99,
             "p99_ratio": round(p99 / calm_p99, 2) if p99 and calm_p99 else None,
+            "server_cpu_share_undisturbed": round(statistics.median(calm_cpu), 2),
             "server_cpu_share": round(statistics.median(
                 r["load"]["server_cpu"] / max(r["load"]["wall"], 1e-9) for r in runs), 2),
             "flooder_cpu_share": round(statistics.median(
