@@ -20,7 +20,8 @@ from .rawws import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, encode_frame
 
 LIMITS = FrameLimits(
     max_fragments_per_message=8, control_frames_per_second=2.0, control_frames_burst=4,
-    inbound_bytes_per_second=1000.0, inbound_bytes_burst=4000,
+    inbound_bytes_per_second=1000.0, inbound_bytes_burst=4000, inbound_frames_per_second=10.0,
+    inbound_frames_burst=50,
 )
 
 
@@ -50,8 +51,9 @@ def scanner(limits: FrameLimits = LIMITS) -> FrameScanner:
 def test_limits_come_from_the_config() -> None:
     config = Config(max_fragments_per_message=3, control_frames_per_second=1.5,
                     control_frames_burst=7, inbound_bytes_per_second=10.0,
-                    inbound_bytes_burst=20)
-    assert FrameLimits.from_config(config) == FrameLimits(3, 1.5, 7, 10.0, 20)
+                    inbound_bytes_burst=20, inbound_frames_per_second=30.0,
+                    inbound_frames_burst=40)
+    assert FrameLimits.from_config(config) == FrameLimits(3, 1.5, 7, 10.0, 20, 30.0, 40)
 
 
 def test_config_refuses_non_positive_limits() -> None:
@@ -97,11 +99,11 @@ def test_any_split_of_valid_frames_gives_the_same_bytes_and_counts(
 ) -> None:
     data = b"".join(frames)
     whole = FrameScanner.create(
-        FrameLimits(8, 1.0, 1000, 1.0, 1), now=0.0
+        FrameLimits(8, 1.0, 1000, 1.0, 1, 1.0, 1), now=0.0
     )
     assert whole.feed(data, 0.0) == data
     points = sorted({cut % (len(data) + 1) for cut in cuts})
-    split = FrameScanner.create(FrameLimits(8, 1.0, 1000, 1.0, 1), now=0.0)
+    split = FrameScanner.create(FrameLimits(8, 1.0, 1000, 1.0, 1, 1.0, 1), now=0.0)
     passed = b"".join(
         split.feed(data[a:b], 0.0) for a, b in zip([0, *points], [*points, len(data)], strict=True)
     )

@@ -30,6 +30,8 @@ from .test_server_faults import SECRET, Bystander, Fixture, open_fds, read_json
 BYTE_RATE = 64 * 1024
 BYTE_BURST = 512 * 1024
 CONTROL_BURST = 20
+FRAME_RATE = 200.0
+FRAME_BURST = 1000
 #: The defaults where the issue names them (64 KiB messages, 64 fragments), a byte bucket small
 #: enough to see, and a keepalive that never fires during a test (the flooders do not read).
 SETTINGS = ServerSettings(
@@ -39,7 +41,8 @@ SETTINGS = ServerSettings(
         inbound_rate=50.0, inbound_burst=20, rate_limit_strikes=5,
         max_fragments_per_message=64, inbound_bytes_per_second=BYTE_RATE,
         inbound_bytes_burst=BYTE_BURST, control_frames_per_second=5.0,
-        control_frames_burst=CONTROL_BURST,
+        control_frames_burst=CONTROL_BURST, inbound_frames_per_second=FRAME_RATE,
+        inbound_frames_burst=FRAME_BURST,
     ),
 )
 
@@ -180,6 +183,38 @@ async def test_a_byte_flood_is_read_no_faster_than_the_byte_rate_and_stays_open(
     assert stats.violation is None
     assert connection.close_code is None  # throttled, not closed
     assert stats.frames.messages >= BYTE_BURST // len(frame) + 2
+
+
+async def test_tiny_frames_within_every_other_limit_are_read_no_faster_than_the_frame_rate(
+    fixture: Fixture, bystander: Bystander
+) -> None:
+    started = trio.current_time()
+    client = await fixture.raw("alice")
+    connection = await fixture.connection("alice")
+    # Messages of 64 one-byte fragments (the cap): allowed, but each frame costs wsproto.
+    text = b'{"type": "ping", "pad": "' + b"x" * (64 - 27) + b'"}'
+    message = b"".join(
+        encode_frame(TEXT if i == 0 else CONTINUATION, text[i:i + 1], fin=i == len(text) - 1)
+        for i in range(len(text))
+    )
+    flood = message * 40  # 2 560 frames; the burst lets 1 000 in, 15 whole messages
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.stream.send_all, flood)
+            # Four messages past the burst's worth take 256 frames at 200 per second.
+            for _ in range(FRAME_BURST // 64 + 4):
+                assert await read_json(client) == {"type": "pong"}
+            stats = inbound(connection)
+            elapsed = trio.current_time() - started
+            await bystander.check_complete()
+            nursery.cancel_scope.cancel()
+    # No more frames than the burst plus the rate over the time since it connected, plus what
+    # one read (4 KiB, 7-byte frames) holds.
+    assert stats.frames.frames <= FRAME_BURST + FRAME_RATE * elapsed + 4096 // 7 + 1
+    assert stats.frames.frames < 40 * 64
+    assert stats.throttled > 0
+    assert stats.violation is None
+    assert connection.close_code is None
 
 
 @pytest.mark.parametrize(

@@ -48,6 +48,10 @@ MAX_FRAGMENTS_PER_MESSAGE: Final = 64
 INBOUND_BYTES_PER_SECOND: Final = 256 * 1024
 #: Inbound bytes a connection may send at once above the sustained byte rate.
 INBOUND_BYTES_BURST: Final = 1024 * 1024
+#: Sustained inbound frames (data and control) per second per connection (standalone server).
+INBOUND_FRAMES_PER_SECOND: Final = 200.0
+#: Inbound frames a connection may send at once above the sustained frame rate.
+INBOUND_FRAMES_BURST: Final = 1000
 #: Sustained inbound control frames (ping, pong, close) per second per connection.
 CONTROL_FRAMES_PER_SECOND: Final = 5.0
 #: Inbound control frames a connection may send in a burst above the sustained rate.
@@ -128,3 +132,10 @@ class Config:
     )
     #: Inbound control frames allowed in a burst above the sustained rate.
     control_frames_burst: int = attrs.field(default=CONTROL_FRAMES_BURST, validator=positive)
+    #: Sustained inbound frames per second per connection (standalone server), whatever their
+    #: size: each costs wsproto ~15-25 µs. Past the burst the server reads later, as for bytes.
+    inbound_frames_per_second: float = attrs.field(
+        default=INBOUND_FRAMES_PER_SECOND, validator=positive
+    )
+    #: Inbound frames allowed at once above the sustained frame rate.
+    inbound_frames_burst: int = attrs.field(default=INBOUND_FRAMES_BURST, validator=positive)

@@ -14,8 +14,8 @@ with the number of frames, not bytes. It counts frames, and checks each header a
 
 After the first violation the scanner stops: it passes nothing more and parses nothing more
 (the I/O shell stops reading that client altogether, so what it still sends costs no CPU and
-TCP backpressure stops it). The byte rate is a :class:`TokenBucket` the I/O shell
-charges per chunk and waits on before reading again (TCP backpressure, no CPU).
+TCP backpressure stops it). The byte and frame rates are :class:`TokenBucket` values the I/O
+shell charges per chunk and waits on before reading again (TCP backpressure, no CPU).
 """
 
 from __future__ import annotations
@@ -88,13 +88,16 @@ class FrameLimits:
     control_frames_burst: int
     inbound_bytes_per_second: float
     inbound_bytes_burst: int
+    inbound_frames_per_second: float
+    inbound_frames_burst: int
 
     @classmethod
     def from_config(cls, config: Config) -> FrameLimits:
         return cls(
             config.max_fragments_per_message, config.control_frames_per_second,
             config.control_frames_burst, config.inbound_bytes_per_second,
-            config.inbound_bytes_burst,
+            config.inbound_bytes_burst, config.inbound_frames_per_second,
+            config.inbound_frames_burst,
         )
 
 
@@ -172,6 +175,11 @@ class FrameScanner:
             limits.control_frames_per_second, limits.control_frames_burst, now
         )
         return cls(limits, bucket)
+
+    @property
+    def frames(self) -> int:
+        """Frame headers parsed so far (cheaper than :meth:`counts` per chunk)."""
+        return self._frames
 
     def counts(self) -> FrameCounts:
         return FrameCounts(self._bytes, self._frames, self._control_frames, self._messages)

@@ -4,10 +4,11 @@ below the message level.
 The standalone server owns each client's TCP stream, so it can see every frame header before
 wsproto does. :class:`InboundGuard` wraps the socket stream and feeds each chunk it reads to a
 pure :class:`~agentcast._frames.FrameScanner` (RFC 6455 rules, fragments per message, control
-frames per second) and charges it to a byte :class:`~agentcast._frames.TokenBucket`:
+frames per second) and charges it to a byte and a frame :class:`~agentcast._frames.TokenBucket`:
 
-* over the byte rate it simply reads later: TCP backpressure slows the client, costing the
-  server no CPU, and the connection stays open;
+* over the byte rate or the frame rate it simply reads later: TCP backpressure slows the
+  client, costing the server no CPU, and the connection stays open (tiny frames within every
+  other limit still cost wsproto ~15-25 µs each: the frame rate bounds that work);
 * on the first broken rule it calls the callback the server set (``Connection.close``), with
   1002, 1008 or 4029, and stops reading that client: the close frame still goes out, but
   whatever the client sends after the offending frame (including a close reply) is neither
@@ -52,7 +53,7 @@ class InboundStatistics:
     passed: int
     #: Frames, control frames and messages the scanner saw.
     frames: FrameCounts
-    #: Seconds reads were postponed by the byte rate.
+    #: Seconds reads were postponed by the byte or frame rate.
     throttled: float
     #: The first rule the client broke, or None.
     violation: FrameViolation | None
@@ -65,6 +66,7 @@ class InboundGuard(trio.abc.Stream):
     inner: trio.abc.Stream
     scanner: FrameScanner
     _bytes: TokenBucket
+    _frames: TokenBucket
     _on_violation: OnViolation | None = None
     _reported: bool = False
     #: The library has handled everything passed (it asked for more after a violation).
@@ -88,6 +90,7 @@ class InboundGuard(trio.abc.Stream):
         guard = cls(
             inner, FrameScanner.create(limits, now),
             TokenBucket.full(limits.inbound_bytes_per_second, limits.inbound_bytes_burst, now),
+            TokenBucket.full(limits.inbound_frames_per_second, limits.inbound_frames_burst, now),
         )
         end = raw_head.find(HEAD_END)
         end = len(raw_head) if end < 0 else end + len(HEAD_END)
@@ -97,6 +100,7 @@ class InboundGuard(trio.abc.Stream):
         guard._received += len(early)
         guard._bytes.charge(len(early), now)
         passed = guard.scanner.feed(early, now)
+        guard._frames.charge(guard.scanner.frames, now)
         guard._passed += len(passed)
         return guard, raw_head[:end] + passed
 
@@ -121,10 +125,11 @@ class InboundGuard(trio.abc.Stream):
         self._on_violation(violation.close_code, violation.reason)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        """The next bytes to pass on; waits first while the client is over its byte rate.
+        """The next bytes to pass on; waits first while the client is over its byte or frame
+        rate.
 
-        The wait is bounded: the bucket is at most one read in debt, so it lasts at most one
-        read's size divided by the rate.
+        The wait is bounded: each bucket is at most one read in debt (a read of ``size`` bytes
+        holds at most ``size / 2`` frames), so it lasts at most that divided by the rate.
         """
         size = min(max_bytes or READ_CHUNK, self._bytes.capacity)
         while True:
@@ -136,7 +141,8 @@ class InboundGuard(trio.abc.Stream):
                 self._drained = True
                 self._report()
                 await trio.sleep_forever()
-            delay = self._bytes.delay(trio.current_time())
+            now = trio.current_time()
+            delay = max(self._bytes.delay(now), self._frames.delay(now))
             if delay:
                 self._throttled += delay
                 await trio.sleep(delay)
@@ -146,7 +152,9 @@ class InboundGuard(trio.abc.Stream):
             now = trio.current_time()
             self._received += len(data)
             self._bytes.charge(len(data), now)
+            frames = self.scanner.frames
             passed = self.scanner.feed(bytes(data), now)
+            self._frames.charge(self.scanner.frames - frames, now)
             if passed:
                 self._passed += len(passed)
                 return passed
