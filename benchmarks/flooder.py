@@ -12,9 +12,9 @@ Kinds (raw frames over asyncio streams, masked as RFC 6455 requires):
   the server closes past its fragment cap, and the flooder reconnects and starts again;
 - ``pings``: pings as fast as the socket takes them; closed past the control-frame burst,
   then reconnects;
-- ``tiny-frames``: within every limit: 19 messages a second (the message rate is 20/s), each a
-  small ``ping`` frame split into 64 one-byte fragments (the cap): ~1 200 frames/s that stay
-  open and are answered.
+- ``tiny-frames``: 19 messages a second (the message rate is 20/s), each a small ``ping``
+  split into 64 one-byte fragments (the cap): ~1 200 frames/s offered, within every limit but
+  the frame rate, which reads them later (200 frames/s by default); answered, never closed.
 
 A flooder closes its TCP connection as soon as it sees the server's close frame, without
 answering it, as an attacker would.
@@ -183,8 +183,9 @@ async def main() -> None:
         pass
     for task in tasks:
         task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    _done, stuck = await asyncio.wait(tasks, timeout=STEP_TIMEOUT)
     emit({"flood": {
+        "stuck": len(stuck),
         "opened": totals.opened, "refused": totals.refused, "errors": totals.errors,
         "bytes_sent": totals.bytes_sent,
         "close_codes": {str(code): n for code, n in sorted(totals.close_codes.items())},

@@ -5,7 +5,8 @@ A separate flooder process (:mod:`benchmarks.flooder`) keeps ``connections`` hos
 per flood kind going against the same server process (each its own user, so the per-user
 connection limit does not stop them): one-byte fragments of a 64 KiB message, pings as fast as
 the socket takes them (both closed by the server and reconnecting at once), and tiny frames
-within every limit (64 fragments per message, 19 messages/s: served). Meanwhile the paced
+within the message rate and the fragment cap (64 fragments per message, 19 messages/s; read
+at the frame rate, never closed). Meanwhile the paced
 ``slow-consumer`` load measures the other users' p99. Rounds alternate undisturbed and
 flooded runs; the ratio compares medians (single runs on 2 cores vary by several x).
 

@@ -141,11 +141,13 @@ class InboundGuard(trio.abc.Stream):
                 self._drained = True
                 self._report()
                 await trio.sleep_forever()
-            now = trio.current_time()
-            delay = max(self._bytes.delay(now), self._frames.delay(now))
-            if delay:
-                self._throttled += delay
-                await trio.sleep(delay)
+            if self._bytes.tokens <= 0 or self._frames.tokens <= 0:
+                # In debt (refilling only adds tokens, so a positive balance needs no check).
+                now = trio.current_time()
+                delay = max(self._bytes.delay(now), self._frames.delay(now))
+                if delay:
+                    self._throttled += delay
+                    await trio.sleep(delay)
             data = await self.inner.receive_some(int(size))
             if not data:
                 return b""
