@@ -225,6 +225,10 @@ def test_token_bucket_charges_into_debt_and_says_how_long_to_wait() -> None:
     assert bucket.tokens == 50.0  # never above capacity
     assert not bucket.take(51, 3.0)
     assert bucket.take(50, 3.0)
+    assert bucket.delay(3.0, want=20) == pytest.approx(0.2)
+    assert bucket.delay(3.0, want=500) == pytest.approx(0.5)  # capped at the capacity
+    assert bucket.delay(10.0, want=20) == 0.0
+    assert bucket.available(10.0) == 50.0
 
 
 def test_the_benchmark_floods_are_what_the_default_limits_stop() -> None:

@@ -40,6 +40,8 @@ PONG: Final = 0xA
 MAX_CONTROL_PAYLOAD: Final = 125
 #: Longest frame header: 2 bytes, 8 of extended length, 4 of mask.
 MAX_HEADER_BYTES: Final = 14
+#: Shortest valid client frame: 2 header bytes and a 4-byte mask, no payload.
+MIN_FRAME_BYTES: Final = 6
 
 
 @attrs.define
@@ -73,10 +75,18 @@ class TokenBucket:
         self._refill(now)
         self.tokens -= amount
 
-    def delay(self, now: float) -> float:
-        """Seconds until the bucket is out of debt (0 when it has a token to spare)."""
+    def available(self, now: float) -> float:
+        """Tokens in the bucket at ``now`` (negative while in debt)."""
         self._refill(now)
-        return 0.0 if self.tokens > 0 else (1 - self.tokens) / self.rate
+        return self.tokens
+
+    def delay(self, now: float, want: float = 1.0) -> float:
+        """Seconds until the bucket holds ``want`` tokens (0 when it has a token to spare);
+        ``want`` is capped at the capacity."""
+        self._refill(now)
+        if self.tokens > 0 and want <= 1.0:
+            return 0.0
+        return max(0.0, min(want, self.capacity) - self.tokens) / self.rate
 
 
 @attrs.frozen

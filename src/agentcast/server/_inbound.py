@@ -28,7 +28,14 @@ import attrs
 import trio
 
 from .._config import Config
-from .._frames import FrameCounts, FrameLimits, FrameScanner, FrameViolation, TokenBucket
+from .._frames import (
+    MIN_FRAME_BYTES,
+    FrameCounts,
+    FrameLimits,
+    FrameScanner,
+    FrameViolation,
+    TokenBucket,
+)
 
 __all__ = ["InboundGuard", "InboundStatistics"]
 
@@ -36,6 +43,10 @@ log = logging.getLogger("agentcast.server")
 
 #: Bytes read per call when the caller does not say (trio-websocket asks for 4 KiB).
 READ_CHUNK: Final = 4096
+#: Frames one read may hold once a client is over its frame rate: it is then read in small
+#: steps (at most this many frames each, ~1-2 ms of wsproto's time), not one 4 KiB read of
+#: ~600 tiny frames every few seconds, a burst of work that delays every other client.
+THROTTLED_READ_FRAMES: Final = 32
 #: End of an HTTP request head.
 HEAD_END: Final = b"\r\n\r\n"
 
@@ -129,7 +140,8 @@ class InboundGuard(trio.abc.Stream):
         rate.
 
         The wait is bounded: each bucket is at most one read in debt (a read of ``size`` bytes
-        holds at most ``size / 2`` frames), so it lasts at most that divided by the rate.
+        holds at most ``size / 6`` frames), so it lasts at most that (plus
+        :data:`THROTTLED_READ_FRAMES`) divided by the rate.
         """
         size = min(max_bytes or READ_CHUNK, self._bytes.capacity)
         while True:
@@ -141,14 +153,21 @@ class InboundGuard(trio.abc.Stream):
                 self._drained = True
                 self._report()
                 await trio.sleep_forever()
-            if self._bytes.tokens <= 0 or self._frames.tokens <= 0:
-                # In debt (refilling only adds tokens, so a positive balance needs no check).
+            read = size
+            # Stale balances (refilling only adds tokens) are enough to take the fast path.
+            frames_short = self._frames.tokens * MIN_FRAME_BYTES < size
+            if self._bytes.tokens <= 0 or frames_short:
                 now = trio.current_time()
-                delay = max(self._bytes.delay(now), self._frames.delay(now))
+                want = THROTTLED_READ_FRAMES if frames_short else 1.0
+                delay = max(self._bytes.delay(now), self._frames.delay(now, want))
                 if delay:
                     self._throttled += delay
                     await trio.sleep(delay)
-            data = await self.inner.receive_some(int(size))
+                if frames_short:
+                    # Read no more bytes than could hold the frames the bucket has.
+                    tokens = self._frames.available(trio.current_time())
+                    read = min(size, int(max(tokens, want)) * MIN_FRAME_BYTES)
+            data = await self.inner.receive_some(int(read))
             if not data:
                 return b""
             now = trio.current_time()
