@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Protocol, final
 
 import attrs
@@ -46,11 +46,11 @@ from ._protocol import (
     parse_client_frame,
     pong_frame,
     refreshed_frame,
-    subscribed_frame,
     token_expiring_frame,
     unsubscribed_frame,
 )
 from ._stats import Counters
+from ._subscriptions import HeldOverflow, Subscriptions
 from ._transport import Transport, abort_transport, close_transport
 
 __all__ = ["Connection", "ConnectionOwner"]
@@ -141,10 +141,8 @@ class Connection:
     #: The threads this client may subscribe to, message and cancel runs on (None: any of the
     #: user's threads), e.g. from the ``threads`` claim of its token.
     allowed_threads: frozenset[str] | None = None
-    #: thread id -> last seq queued for it, or None while its replay is being fetched.
-    _subs: dict[str, int | None] = attrs.Factory(dict)
-    #: Live events that arrived while a thread's replay was being fetched.
-    _held: dict[str, list[tuple[int, str]]] = attrs.Factory(dict)
+    #: Per-thread delivery positions and the subscribe/replay merge (a pure state machine).
+    _subscriptions: Subscriptions = attrs.field(kw_only=True)
     #: Wraps both tasks: cancelling it stops them; its deadline bounds a draining close.
     _scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     _close_code: int | None = None
@@ -184,7 +182,8 @@ class Connection:
             trio.current_time(),
         )
         connection = cls(
-            f"c-{next(_ids)}", transport, batch, owner, send, receive, limiter, allowed_threads
+            f"c-{next(_ids)}", transport, batch, owner, send, receive, limiter, allowed_threads,
+            subscriptions=Subscriptions(max_held=config.send_queue_size),
         )
         if credentials is not None:
             connection._grant(credentials)
@@ -193,7 +192,7 @@ class Connection:
     def __repr__(self) -> str:
         return (
             f"<Connection {self.connection_id} user={self._owner.user_id!r} "
-            f"threads={sorted(self._subs)} closed={self.closed}>"
+            f"threads={sorted(self._subscriptions.threads)} closed={self.closed}>"
         )
 
     @property
@@ -204,7 +203,7 @@ class Connection:
     @property
     def threads(self) -> frozenset[str]:
         """The threads this connection is subscribed to."""
-        return frozenset(self._subs)
+        return self._subscriptions.threads
 
     @property
     def closed(self) -> bool:
@@ -224,16 +223,13 @@ class Connection:
 
     def offer(self, thread_id: str, seq: int, frame: str) -> None:
         """Queue a thread event unless it is a duplicate; hold it while a replay is fetched."""
-        last = self._subs.get(thread_id, -1)
-        if last is None:
-            held = self._held[thread_id]
-            held.append((seq, frame))
-            if len(held) > self._owner.config.send_queue_size:
-                self._slow_consumer("too many events held during replay")
+        try:
+            live = self._subscriptions.offer(thread_id, seq, frame)
+        except HeldOverflow:
+            self._slow_consumer("too many events held during replay")
             return
-        if seq > last:
-            self._subs[thread_id] = seq
-            self.enqueue(frame)
+        if live is not None:
+            self.enqueue(live)
 
     def enqueue(self, item: Outgoing) -> None:
         """Queue a frame (or an ack-and-replay group); a full channel closes with 4008."""
@@ -313,19 +309,10 @@ class Connection:
                     self._owner.config.close_timeout,
                 )
         finally:
-            for thread_id in list(self._subs):
+            for thread_id in list(self._subscriptions):
                 self._owner.index_unsubscribe(thread_id, self)
             self._owner.detach(self)
             self._finished.set()
-
-    def _is_pending(self, thread_id: str) -> bool:
-        return thread_id in self._held and self._subs.get(thread_id, -1) is None
-
-    def _hold(self, thread_id: str) -> None:
-        """Route the thread here now, holding its events until the ack is queued."""
-        self._subs[thread_id] = None
-        self._held[thread_id] = []
-        self._owner.index_subscribe(thread_id, self)
 
     # ---- the tasks --------------------------------------------------------------------------
 
@@ -518,8 +505,7 @@ class Connection:
             case Subscribe():
                 await self._subscribe(frame)
             case Unsubscribe(thread_id=thread_id):
-                if self._subs.pop(thread_id, -1) != -1:
-                    self._held.pop(thread_id, None)
+                if self._subscriptions.remove(thread_id):
                     self._owner.index_unsubscribe(thread_id, self)
                 self.enqueue((unsubscribed_frame(thread_id),))
             case CancelRun(run_id=run_id):
@@ -575,9 +561,8 @@ class Connection:
         self._grant(renewed)
         self.allowed_threads = allowed
         if allowed is not None:
-            for thread_id in [t for t in self._subs if t not in allowed]:
-                del self._subs[thread_id]
-                self._held.pop(thread_id, None)
+            for thread_id in [t for t in self._subscriptions if t not in allowed]:
+                self._subscriptions.remove(thread_id)
                 self._owner.index_unsubscribe(thread_id, self)
                 self.enqueue((unsubscribed_frame(thread_id),))
         self.enqueue((refreshed_frame(renewed.expires_at),))
@@ -585,18 +570,22 @@ class Connection:
     async def _subscribe(self, request: Subscribe) -> None:
         """Ack, replay what was missed, then go live, with no gap and no duplicate.
 
-        Live events arriving while the replay is fetched are held and released after it,
-        skipping any the replay already covered.
+        The thread is routed here before its replay is fetched; :class:`Subscriptions` holds
+        its live events meanwhile and gives every subscribe its own ack, in the order they
+        began, however their fetches finish (the server's own subscribe and a client's resume
+        race on a token's threads).
         """
         thread_id = request.thread_id
-        if thread_id not in self._subs and len(self._subs) >= self._owner.config.max_subscriptions:
+        subscriptions = self._subscriptions
+        limit = self._owner.config.max_subscriptions
+        if thread_id not in subscriptions and len(subscriptions) >= limit:
             self._refuse(ProtocolError(
-                "too_many_subscriptions",
-                f"at most {self._owner.config.max_subscriptions} threads per connection",
+                "too_many_subscriptions", f"at most {limit} threads per connection"
             ))
             return
-        if not self._is_pending(thread_id):
-            self._hold(thread_id)
+        ticket, new = subscriptions.begin(thread_id)
+        if new:
+            self._owner.index_subscribe(thread_id, self)
         try:
             recovery = await self._owner.recover(thread_id, request.since_seq, request.epoch)
         except BrokerUnavailable as exc:
@@ -604,31 +593,16 @@ class Connection:
             self.close(CloseCode.SERVICE_RESTART, str(exc))
             return
         except TooManyThreads as exc:
-            # The user's streams are all in use: nothing was created; undo the route.
-            if self._subs.get(thread_id, -1) is None:
-                del self._subs[thread_id]
-                self._held.pop(thread_id, None)
+            # The user's streams are all in use: nothing was created. No ack for this one;
+            # a thread never acked here is unrouted again.
+            release, forget = subscriptions.abandon(thread_id, ticket)
+            if forget:
                 self._owner.index_unsubscribe(thread_id, self)
             self._refuse(ProtocolError("too_many_threads", str(exc)))
+            self._queue(release)
             return
-        held = self._held.pop(thread_id, [])
-        if self._subs.get(thread_id, -1) is not None:
-            return  # unsubscribed (or re-subscribed) while the replay was fetched
-        if recovery.recovered:
-            # Replay covers everything up to latest_seq; held events past it follow.
-            position = recovery.latest_seq
-        else:
-            # Nothing replayed: the stream starts at the moment the route was registered, so
-            # every held event is live, and the ack names the seq just before the first one.
-            position = held[0][0] - 1 if held else recovery.latest_seq
-        ack = subscribed_frame(
-            thread_id, seq=position, epoch=recovery.epoch, recovered=recovery.recovered
-        )
-        last = position
-        live = []
-        for seq, frame in held:
-            if seq > last:
-                live.append(frame)
-                last = seq
-        self._subs[thread_id] = last
-        self.enqueue((ack, *recovery.frames, *live))
+        self._queue(subscriptions.complete(thread_id, ticket, recovery))
+
+    def _queue(self, release: Iterable[Outgoing]) -> None:
+        for item in release:
+            self.enqueue(item)

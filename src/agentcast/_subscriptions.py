@@ -21,7 +21,7 @@ an ack); it queues whatever these return, in order. Invariants:
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TypeAlias
 
 import attrs
@@ -69,6 +69,10 @@ class Subscriptions:
 
     def __len__(self) -> int:
         return len(self._threads)
+
+    def __iter__(self) -> Iterator[str]:
+        """The thread ids, in the order they were first subscribed."""
+        return iter(self._threads)
 
     @property
     def threads(self) -> frozenset[str]:
