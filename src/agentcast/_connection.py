@@ -12,7 +12,7 @@ import itertools
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from typing import Protocol, final
+from typing import Final, Protocol, final
 
 import attrs
 import trio
@@ -63,6 +63,9 @@ log = logging.getLogger("agentcast")
 Outgoing = str | tuple[str, ...]
 
 _ids = itertools.count(1)
+
+#: The data frame sent on a connection idle for ``Config.heartbeat_interval``; clients ignore it.
+HEARTBEAT_FRAME: Final = '{"type":"heartbeat"}'
 
 
 class ConnectionOwner(Protocol):
@@ -152,6 +155,9 @@ class Connection:
     #: leave half a frame on the wire; the manager's watchdog cuts one older than
     #: ``write_timeout`` (see :meth:`check_write`), far cheaper than a cancel scope per write.
     _write_started: float | None = None
+    #: trio time the last write ended (or the connection was created, or a heartbeat was
+    #: queued): :meth:`check_heartbeat` sends one when it is ``heartbeat_interval`` old.
+    _last_sent: float = attrs.Factory(trio.current_time)
     #: Set by :meth:`abort`: the peer is dead, so no close handshake is attempted.
     _aborting: bool = False
     _finished: trio.Event = attrs.Factory(trio.Event)
@@ -414,6 +420,7 @@ class Connection:
             return False
         # Cancelled (cut by check_write or a close) leaves _write_started set: finish() aborts.
         self._write_started = None
+        self._last_sent = trio.current_time()
         return True
 
     def check_write(self, now: float) -> None:
@@ -422,6 +429,19 @@ class Connection:
         started = self._write_started
         if started is not None and now - started >= self._owner.config.write_timeout:
             self._slow_consumer("write timed out")
+
+    def check_heartbeat(self, now: float) -> None:
+        """Queue a ``heartbeat`` frame if nothing has been sent for ``heartbeat_interval``
+        (and nothing is being written); the manager's watchdog calls this, so an idle
+        connection needs no task or cancel scope of its own for it."""
+        interval = self._owner.config.heartbeat_interval
+        if (
+            interval is None or now - self._last_sent < interval
+            or self._write_started is not None or self._close_code is not None
+        ):
+            return
+        self._last_sent = now  # one heartbeat per interval, even while the writer is busy
+        self.enqueue((HEARTBEAT_FRAME,))
 
     # ---- credentials ------------------------------------------------------------------------
 
