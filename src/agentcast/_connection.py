@@ -11,13 +11,14 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Final, Protocol, final
 
 import attrs
 import trio
 from trio_websocket import ConnectionClosed
 
+from ._batching import Outgoing, gather, messages
 from ._config import Config
 from ._credentials import NEVER, Credentials, ExpiryPlan, narrow_threads, plan_expiry
 from ._errors import (
@@ -49,6 +50,7 @@ from ._protocol import (
     token_expiring_frame,
     unsubscribed_frame,
 )
+from ._ratelimit import Admission, InboundLimiter
 from ._stats import Counters
 from ._subscriptions import HeldOverflow, Subscriptions
 from ._transport import Transport, abort_transport, close_transport
@@ -56,11 +58,6 @@ from ._transport import Transport, abort_transport, close_transport
 __all__ = ["Connection", "ConnectionOwner"]
 
 log = logging.getLogger("agentcast")
-
-#: What travels through a connection's channel: an event frame (str), or a tuple whose first
-#: element is a control frame, followed by events that must stay with it (an ack and its
-#: replay). A tuple counts as one slot; its events are ``len(item) - 1``.
-Outgoing = str | tuple[str, ...]
 
 _ids = itertools.count(1)
 
@@ -106,27 +103,6 @@ class ConnectionOwner(Protocol):
         """Dispatch an application frame type; raises ClientError for an error frame."""
 
 
-@attrs.define
-class _RateLimiter:
-    """Token bucket over inbound frames; ``strikes`` counts consecutive refusals."""
-
-    rate: float
-    burst: int
-    tokens: float
-    updated: float
-    strikes: int = 0
-
-    def allow(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            self.strikes = 0
-            return True
-        self.strikes += 1
-        return False
-
-
 @final
 @attrs.define(eq=False, repr=False)
 class Connection:
@@ -140,7 +116,7 @@ class Connection:
     _owner: ConnectionOwner
     _send: trio.MemorySendChannel[Outgoing]
     _receive: trio.MemoryReceiveChannel[Outgoing]
-    _limiter: _RateLimiter
+    _limiter: InboundLimiter
     #: The threads this client may subscribe to, message and cancel runs on (None: any of the
     #: user's threads), e.g. from the ``threads`` claim of its token.
     allowed_threads: frozenset[str] | None = None
@@ -155,8 +131,8 @@ class Connection:
     #: leave half a frame on the wire; the manager's watchdog cuts one older than
     #: ``write_timeout`` (see :meth:`check_write`), far cheaper than a cancel scope per write.
     _write_started: float | None = None
-    #: trio time the last write ended (or the connection was created, or a heartbeat was
-    #: queued): :meth:`check_heartbeat` sends one when it is ``heartbeat_interval`` old.
+    #: trio time the last completed write began (or the connection was created, or a heartbeat
+    #: was queued): :meth:`check_heartbeat` sends one when it is ``heartbeat_interval`` old.
     _last_sent: float = attrs.Factory(trio.current_time)
     #: Set by :meth:`abort`: the peer is dead, so no close handshake is attempted.
     _aborting: bool = False
@@ -183,8 +159,8 @@ class Connection:
         """
         config = owner.config
         send, receive = trio.open_memory_channel[Outgoing](config.send_queue_size)
-        limiter = _RateLimiter(
-            config.inbound_rate, config.inbound_burst, float(config.inbound_burst),
+        limiter = InboundLimiter.create(
+            config.inbound_rate, config.inbound_burst, config.rate_limit_strikes,
             trio.current_time(),
         )
         connection = cls(
@@ -339,16 +315,24 @@ class Connection:
     async def _write_loop(self) -> None:
         """Send what the channel brings, batched, until it ends or the connection must stop."""
         counters = self._owner.counters
-        limit = self._owner.config.batch_max_events
+        config = self._owner.config
+        limit = config.batch_max_events
         latency = self._owner.delivery_latency
+        receive = self._receive
+        empty = (trio.WouldBlock, trio.EndOfChannel)
+        batch, max_bytes = self.batch, config.batch_max_bytes
         try:
             while True:
                 try:
-                    item = await self._receive.receive()
+                    item = await receive.receive()
                 except trio.EndOfChannel:
                     return
-                frames, events, oldest_live, live = self._batch(item, limit)
-                for message in self._messages(frames):
+                frames, events, oldest_live, live = gather(
+                    item, receive.receive_nowait, limit, empty
+                )
+                for message in messages(
+                    frames, batch=batch, max_bytes=max_bytes, max_events=limit
+                ):
                     if not await self._write(message):
                         return
                     counters.messages_sent += 1
@@ -359,59 +343,12 @@ class Connection:
             # However the writer ends (drained, slow, peer gone), the reader must stop too.
             self._scope.cancel()
 
-    def _batch(self, item: Outgoing, limit: int) -> tuple[list[str], int, str | None, int]:
-        """``item`` and what else is queued, up to about ``limit`` frames, as (frames, events,
-        oldest live frame, live events). Plain strings are live events; tuples are a control
-        frame and its replay."""
-        oldest_live: str | None = None
-        live = 0
-        if isinstance(item, str):
-            frames, events, oldest_live, live = [item], 1, item, 1
-        else:
-            frames, events = list(item), len(item) - 1
-        receive = self._receive
-        while len(frames) < limit:
-            try:
-                item = receive.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
-            if isinstance(item, str):
-                frames.append(item)
-                events += 1
-                live += 1
-                if oldest_live is None:
-                    oldest_live = item
-            else:
-                frames.extend(item)
-                events += len(item) - 1
-        return frames, events, oldest_live, live
-
-    def _messages(self, frames: list[str]) -> Iterator[str]:
-        """Group frames into WebSocket messages: one each, or newline-joined batches."""
-        if not self.batch:
-            yield from frames
-            return
-        config = self._owner.config
-        group: list[str] = []
-        size = 0
-        for frame in frames:
-            if group and (
-                size + len(frame) > config.batch_max_bytes
-                or len(group) >= config.batch_max_events
-            ):
-                yield "\n".join(group)
-                group, size = [], 0
-            group.append(frame)
-            size += len(frame) + 1
-        if group:
-            yield "\n".join(group)
-
     async def _write(self, message: str) -> bool:
         """Write one message (:meth:`check_write` bounds it); False if the peer has gone."""
         # A close that came between two messages cuts nothing: stop before starting this one,
         # so finish() closes politely with the code instead of aborting (1006).
         await trio.lowlevel.checkpoint_if_cancelled()
-        self._write_started = trio.current_time()
+        started = self._write_started = trio.current_time()
         try:
             await self.transport.send_message(message)
         except ConnectionClosed as exc:
@@ -420,7 +357,7 @@ class Connection:
             return False
         # Cancelled (cut by check_write or a close) leaves _write_started set: finish() aborts.
         self._write_started = None
-        self._last_sent = trio.current_time()
+        self._last_sent = started  # no second clock read on the hot path
         return True
 
     def check_write(self, now: float) -> None:
@@ -481,8 +418,9 @@ class Connection:
             except ConnectionClosed as exc:
                 self._peer_gone(exc)
                 return
-            if not self._limiter.allow(trio.current_time()):
-                if self._limiter.strikes > config.rate_limit_strikes:
+            admission = self._limiter.admit(trio.current_time())
+            if admission is not Admission.ACCEPT:
+                if admission is Admission.CLOSE:
                     self._owner.counters.rate_limit_disconnects += 1
                     # Drain: the refusals already queued are sent, and a busy writer is not
                     # cut mid-write (which would turn 4029 into an abort, 1006).
