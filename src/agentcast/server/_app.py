@@ -40,6 +40,7 @@ from ._keepalive import Keepalive
 from ._metrics import CONTENT_TYPE, Metrics
 from ._settings import ServerSettings
 from ._tokens import MemoryRevocations, Revocations, TokenVerifier
+from ._wsconn import WriteThrough
 
 __all__ = ["Server"]
 
@@ -398,9 +399,12 @@ class Server:
                 if ws is None:
                     nursery.cancel_scope.cancel()
                     return
+                # Sends write through to the socket when it can take them (see _wsconn).
+                raw = stream.inner.inner if isinstance(stream.inner, InboundGuard) else stream.inner
+                transport = WriteThrough.wrap(ws, raw)
                 # A token naming threads subscribes to them and confines the client to them.
                 connection = await session.add_connection(
-                    ws, threads=claims.threads, allowed_threads=claims.threads or None,
+                    transport, threads=claims.threads, allowed_threads=claims.threads or None,
                     slot=slot, credentials=self.tokens.grant(claims),
                 )
             finally:
