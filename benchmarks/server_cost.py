@@ -76,6 +76,18 @@ sys.stdin.read()
 """
 
 
+#: Which library a file's allocations belong to, by a piece of its path (first match wins).
+OWNERS: Final = (
+    ("trio_websocket", "trio-websocket"), ("wsproto", "wsproto + h11"), ("/h11/", "wsproto + h11"),
+    ("agentcast", "agentcast"), ("trio", "trio (tasks, scopes, channels, sockets)"),
+)
+
+
+def owner_of(filename: str) -> str:
+    """The library ``filename`` belongs to (attrs-generated methods by their class)."""
+    return next((owner for piece, owner in OWNERS if piece in filename), "other")
+
+
 async def measure(connections: int, top: int) -> None:
     """Print the heap the server grew by per idle connection, by file and by line."""
     settings = ServerSettings(port=0, secret=SECRET, core=Config())
@@ -107,6 +119,13 @@ async def measure(connections: int, top: int) -> None:
     before, after = before.filter_traces(filters), after.filter_traces(filters)
     total = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
     print(f"{opened} idle connections: {total / opened / 1024:.1f} KB of Python heap each")
+    print("\nby owner (KB per connection):")
+    owners: dict[str, int] = {}
+    for stat in after.compare_to(before, "filename"):
+        owner = owner_of(stat.traceback[0].filename)
+        owners[owner] = owners.get(owner, 0) + stat.size_diff
+    for owner, size in sorted(owners.items(), key=lambda item: -item[1]):
+        print(f"  {size / opened / 1024:6.2f}  {owner}")
     print("\nby file (KB per connection):")
     for stat in after.compare_to(before, "filename")[:top]:
         print(f"  {stat.size_diff / opened / 1024:6.2f}  {stat.traceback[0].filename}")
