@@ -20,6 +20,8 @@ from agentcast.server import issue_token
 from agentcast.server._serve import RunningServer, serve
 from agentcast.server._settings import ServerSettings
 
+from .tokenserver import open_fds
+
 SECRET = "a-test-secret-that-is-long-enough-for-hs256"
 FAST = Backoff(initial=0.05, throttle_initial=0.4, max=1.0)
 TERMINAL = {"agent_completed", "agent_error", "agent_cancelled"}
@@ -40,12 +42,20 @@ async def start(nursery: trio.Nursery, port: int = 0) -> tuple[RunningServer, tr
 
 @pytest.fixture
 async def server() -> AsyncIterator[RunningServer]:
+    baseline = open_fds()
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             running, stop = await start(nursery)
             yield running
-            assert running.server.manager.get_stats(per_user=False).connections == 0
+            # Every client connection has finished closing and left nothing counted.
+            manager = running.server.manager
+            for user in manager.user_ids():
+                session = manager.session(user)
+                for connection in session.connections() if session is not None else []:
+                    await connection.wait_closed()
+            assert manager.get_stats(per_user=False).connections == 0
             stop.set()
+    assert open_fds() <= baseline
 
 
 def ws_url(running: RunningServer) -> str:

@@ -127,6 +127,15 @@ class MemoryStorage {
   removeItem(key) { this.#items.delete(key); }
 }
 
+/** `promise`, or a rejection after `ms` (getToken is application code: bound it). */
+function within(promise, ms, what) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what} took over ${ms} ms`)), ms);
+  });
+  return Promise.race([Promise.resolve(promise), timeout]).finally(() => clearTimeout(timer));
+}
+
 function defaultStorage() {
   try {
     if (globalThis.sessionStorage) return globalThis.sessionStorage;
@@ -373,7 +382,7 @@ class Client {
     if (this.refreshNext && this.getToken) {
       this.refreshNext = false;
       try {
-        this.token = await this.getToken();
+        this.token = await within(this.getToken(), this.connectTimeout, "getToken");
       } catch (error) {
         this._emit("error", { type: "get_token_failed", error });
         this._retry(1006, "getToken failed", "resume");
@@ -523,7 +532,7 @@ class Client {
     if (!this.getToken) return;
     let token;
     try {
-      token = await this.getToken();
+      token = await within(this.getToken(), this.connectTimeout, "getToken");
     } catch (error) {
       this._emit("error", { type: "get_token_failed", error });
       return;

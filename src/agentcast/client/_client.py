@@ -326,8 +326,7 @@ class Client:
             attempt += 1
             self.reconnects += 1
             log.info("agentcast client: closed with %d; reconnecting in %.2f s", code, delay)
-            if action is Action.REFRESH and self.get_token is not None:
-                self.token = await self.get_token()
+            if action is Action.REFRESH and await self._refresh_token():
                 delay = 0.0 if attempt == 1 else delay
             await trio.sleep(delay)  # the backoff itself
 
@@ -363,6 +362,17 @@ class Client:
         except* (OSError, HandshakeError, trio.TooSlowError) as group:
             reason = f"connection failed: {group.exceptions[0]!r}"
         return code, reason, refused, opened_for
+
+    async def _refresh_token(self) -> bool:
+        """A new token from ``get_token`` within ``connect_timeout``; False if none came (the
+        old token stays: the server then refuses or closes, and the policy decides again)."""
+        if self.get_token is None:
+            return False
+        with trio.move_on_after(self.connect_timeout):
+            self.token = await self.get_token()
+            return True
+        log.warning("agentcast client: get_token took over %.1f s", self.connect_timeout)
+        return False
 
     def _target(self) -> tuple[str, str]:
         """The Host header and the resource (path and query) of the WebSocket endpoint."""
@@ -473,8 +483,7 @@ class Client:
             if sub is not None and await sub._ack(frame):
                 await self._resubscribe(ws, sub)
         elif kind == "token_expiring":
-            if self.get_token is not None:
-                self.token = await self.get_token()
+            if await self._refresh_token() and self.token is not None:
                 await self._write(ws, {"type": "refresh", "token": self.token})
         elif kind == "error":
             log.warning("agentcast client: error frame %s: %s",
@@ -507,6 +516,7 @@ async def connect(
         batch: offer ``agentcast.ndjson`` (batched messages) instead of ``agentcast.v1``.
         get_token: an async callable for a new token: on ``token_expiring`` (then sent as
             ``refresh``), after a 4001 close or an HTTP 401; without it those stop the client.
+            Each call may take ``connect_timeout``; an exception it raises ends ``connect``.
 
     Returns once the first connection is open; reconnects (with jittered exponential backoff)
     and resumes every subscription until the block ends.
