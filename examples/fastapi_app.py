@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hmac
 import os
-from typing import Any
+from typing import Annotated, Any
 
 import trio
 from fastapi import Depends, FastAPI, HTTPException, Request, WebSocket, WebSocketException
@@ -96,7 +96,8 @@ app.mount("/ws", agentcast.asgi.endpoint(authenticate=authenticate))
 
 
 @app.websocket("/ws-depends")
-async def ws_depends(websocket: WebSocket, user: agentcast.UserContext = Depends(ws_user)) -> None:
+async def ws_depends(websocket: WebSocket,
+                     user: Annotated[agentcast.UserContext, Depends(ws_user)]) -> None:
     await agentcast.asgi.serve_websocket(websocket, user)
 
 
@@ -115,7 +116,7 @@ def start(manager: agentcast.ConnectionManager, user: agentcast.UserContext,
 
 @app.post("/runs")
 async def post_run(body: RunRequest, request: Request,
-                   user: agentcast.UserContext = Depends(http_user)) -> dict[str, Any]:
+                   user: Annotated[agentcast.UserContext, Depends(http_user)]) -> dict[str, Any]:
     """Start an agent run for the caller; its events stream to the caller's connections."""
     source = request.state.agentcast  # the lifespan state: the manager, or the thread bridge
     try:

@@ -55,11 +55,14 @@ def command(server: str, module: str, *extra: str) -> list[str]:
 
 
 async def _drain(stream: trio.abc.ReceiveStream, output: bytearray, port: list[int],
-                 started: trio.Event) -> None:
+                 started: trio.Event, workers: int) -> None:
     while chunk := await stream.receive_some(65536):
         output += chunk
         found = LISTENING.search(output)
-        if found and not started.is_set():
+        # uvicorn prints its address before its workers listen: wait for each one's startup.
+        # (hypercorn runs the lifespan startup before it binds and prints.)
+        ready = workers == 0 or output.count(b"startup complete") >= workers
+        if found and ready and not started.is_set():
             port.append(int(found.group(1)))
             started.set()
 
@@ -81,7 +84,11 @@ async def running(server: str, module: str, *extra: str,
     started = trio.Event()
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_drain, process.stdout, output, port, started, name="drain")
+            workers = 0 if server == "hypercorn" else (
+                int(extra[extra.index("--workers") + 1]) if "--workers" in extra else 1)
+            nursery.start_soon(
+                _drain, process.stdout, output, port, started, workers, name="drain"
+            )
             with trio.fail_after(START):
                 await started.wait()
             yield ServerProcess(process, port[0], output)
@@ -145,6 +152,12 @@ async def read_until(ws: ClientConnection, done: Any) -> list[dict[str, Any]]:
     while not seen or not done(seen):
         seen.extend(await frames(ws))
     return seen
+
+
+async def read_all(ws: ClientConnection, into: list[dict[str, Any]]) -> None:
+    """Append the events read to ``into`` until the connection closes (which raises)."""
+    while True:
+        into += events_of(await frames(ws))
 
 
 def events_of(seen: list[dict[str, Any]], thread: str = "t1") -> list[dict[str, Any]]:
@@ -231,9 +244,12 @@ async def test_fastapi_depends_route_streams_and_refuses_with_403(server: str) -
         assert {e["run_id"] for e in seen} == {run["run_id"]}
 
 
-@pytest.mark.parametrize(("server", "code"), [("hypercorn", 1001), ("uvicorn", 1012)])
+#: What a client sees on SIGTERM, measured: hypercorn 0.18 (trio worker) drops the TCP connection
+#: at once without a close frame (1006; older versions sent 1001 after --graceful-timeout);
+#: uvicorn sends 1012 at once. Either way the lifespan shutdown then cancels the run.
+@pytest.mark.parametrize(("server", "codes"), [("hypercorn", {1001, 1006}), ("uvicorn", {1012})])
 async def test_sigterm_closes_clients_and_the_run_ends_in_history(
-    server: str, code: int, redis_server: RedisServer
+    server: str, codes: set[int], redis_server: RedisServer
 ) -> None:
     """The run's terminal event reaches history however the server orders its shutdown; a
     client reconnecting to the next process resumes and gets it."""
@@ -246,10 +262,12 @@ async def test_sigterm_closes_clients_and_the_run_ends_in_history(
                 first = events_of(await read_until(ws, lambda s: len(events_of(s)) >= 5))
                 srv.process.send_signal(signal.SIGTERM)
                 with pytest.raises(ConnectionClosed):
-                    while True:
-                        first += events_of(await frames(ws))
-                assert ws.close_code == code
-            assert await srv.process.wait() == 0
+                    await read_all(ws, first)
+                assert ws.close_code in codes
+            # uvicorn re-raises the signal once it has shut down cleanly (its documented exit).
+            assert await srv.process.wait() == (0 if server == "hypercorn" else -signal.SIGTERM)
+            if server == "uvicorn":
+                assert b"Application shutdown complete" in srv.output
     async with running(server, "fastapi_app", env=env) as srv:
         with trio.fail_after(STEP):
             async with connect(srv.url("/ws/")) as ws:
