@@ -81,6 +81,8 @@ class _Link:
     outbox: asyncio.Queue[str | bytes | _Close] = attrs.Factory(asyncio.Queue)
     #: asyncio reader's window: released by the trio half after each get_message.
     read_window: asyncio.Semaphore = attrs.Factory(lambda: asyncio.Semaphore(BRIDGE_WINDOW))
+    #: Set when the trio half aborted (a write cut by the deadline): cancel the asyncio write.
+    aborted: asyncio.Event = attrs.Factory(asyncio.Event)
     #: The trio half's verdict on admission: None (accepted) or (status, reason).
     admitted: asyncio.Future[tuple[int, str] | None] = attrs.field(init=False)
     transport: _BridgeTransport = attrs.field(init=False)
@@ -170,7 +172,7 @@ class _BridgeTransport:
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
         except trio.Cancelled:
-            self.link.to_asyncio(self.link.outbox.put_nowait, _ABORT)
+            self.link.to_asyncio(self.link.aborted.set)
             raise
         self.link.to_asyncio(self.link.outbox.put_nowait, _Close(code, reason))
 
@@ -338,38 +340,59 @@ class ThreadedManager:
         link = _Link(loop, token)
         subprotocol = choose_subprotocol(scope.get("subprotocols") or ())
         link.transport = _BridgeTransport(link, subprotocol)
+        # However this task ends (refused, timed out, cancelled by the server's shutdown, or
+        # done), the trio half learns of it; after a close it ignores this.
+        ending = _Close(GOING_AWAY, "server shutting down")
         try:
-            async with asyncio.timeout(handshake_timeout):
-                if not connected:
-                    event = await receive()
-                    if event.get("type") != "websocket.connect":
+            try:
+                async with asyncio.timeout(handshake_timeout):
+                    if not await self._admit(
+                        link, nursery, scope, receive, send, authenticate=authenticate,
+                        user_context=user_context, connected=connected, threads=threads,
+                        allowed_threads=allowed_threads, credentials=credentials,
+                    ):
                         return
-                if authenticate is not None:
-                    user_context = await authenticate_or_refuse(authenticate, scope, send)
-                if user_context is None:
-                    return
-                if not link.to_trio(
-                    nursery.start_soon, self._serve_trio, link, user_context,
-                    tuple(threads), allowed_threads, credentials,
-                ):
-                    await refuse(scope, send, 503, "the agentcast thread has stopped")
-                    return
-                verdict = await link.admitted
-                if verdict is not None:
-                    await refuse(scope, send, *verdict)
-                    return
-                await send({"type": "websocket.accept", "subprotocol": subprotocol})
-        except TimeoutError:
-            link.to_trio(link.transport.deliver, _Close(ABNORMAL_CLOSURE, "handshake timeout"))
-            return
-        try:
+            except TimeoutError:
+                ending = _Close(ABNORMAL_CLOSURE, "handshake timeout")
+                return
             async with asyncio.TaskGroup() as tasks:
                 reader = tasks.create_task(self._read(link, receive), name="agentcast.read")
-                await self._write(link, send)
-                reader.cancel()
-        except asyncio.CancelledError:
-            link.to_trio(link.transport.deliver, _Close(GOING_AWAY, "server shutting down"))
-            raise
+                writer = tasks.create_task(self._write(link, send), name="agentcast.write")
+                aborted = tasks.create_task(link.aborted.wait(), name="agentcast.aborted")
+                # An abort (a write cut by write_timeout) cancels the write in progress too.
+                await asyncio.wait({writer, aborted}, return_when=asyncio.FIRST_COMPLETED)
+                for task in (reader, writer, aborted):
+                    task.cancel()
+        finally:
+            link.to_trio(link.transport.deliver, ending)
+
+    async def _admit(
+        self, link: _Link, nursery: trio.Nursery, scope: Scope, receive: ASGIReceive,
+        send: ASGISend, *, authenticate: Authenticate | None, user_context: UserContext | None,
+        connected: bool, threads: Sequence[str], allowed_threads: Collection[str] | None,
+        credentials: Credentials | None,
+    ) -> bool:
+        """The handshake: connect, authenticate, the trio half's slot, accept. True if accepted."""
+        if not connected:
+            event = await receive()
+            if event.get("type") != "websocket.connect":
+                return False
+        if authenticate is not None:
+            user_context = await authenticate_or_refuse(authenticate, scope, send)
+        if user_context is None:
+            return False
+        if not link.to_trio(
+            nursery.start_soon, self._serve_trio, link, user_context,
+            tuple(threads), allowed_threads, credentials,
+        ):
+            await refuse(scope, send, 503, "the agentcast thread has stopped")
+            return False
+        verdict = await link.admitted
+        if verdict is not None:
+            await refuse(scope, send, *verdict)
+            return False
+        await send({"type": "websocket.accept", "subprotocol": link.transport.subprotocol})
+        return True
 
     async def _read(self, link: _Link, receive: ASGIReceive) -> None:
         transport = link.transport
