@@ -57,11 +57,14 @@ async def slow_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWr
     assert head.startswith(b"HTTP/1.1 101"), head
     writer.write(masked(json.dumps({"type": "subscribe", "thread_id": "t1"}).encode()))
     await writer.drain()
+    _, length = await reader.readexactly(2)  # the ack: one short unmasked text frame
+    assert json.loads(await reader.readexactly(length))["type"] == "subscribed"
     return reader, writer
 
 
-def asgi_tasks() -> int:
-    return sum("run_asgi" in repr(task.get_coro()) for task in asyncio.all_tasks())
+def asgi_tasks() -> set[asyncio.Task[Any]]:
+    """uvicorn's request tasks (one per WebSocket)."""
+    return {task for task in asyncio.all_tasks() if "run_asgi" in repr(task.get_coro())}
 
 
 async def publish(manager: agentcast.ConnectionManager, user: str, count: int,
@@ -80,8 +83,13 @@ async def wait_closed_of(manager: agentcast.ConnectionManager, user: str) -> int
     return connection.close_code
 
 
-def subscriptions(manager: agentcast.ConnectionManager) -> int:
-    return sum(user.subscriptions for user in manager.get_stats().per_user.values())
+async def all_closed(manager: agentcast.ConnectionManager) -> int:
+    """Wait until every connection has finished closing; return how many are counted."""
+    for user in manager.user_ids():
+        session = manager.session(user)
+        for connection in session.connections() if session else ():
+            await connection.wait_closed()
+    return manager.get_stats().connections
 
 
 async def scenario() -> None:
@@ -89,22 +97,20 @@ async def scenario() -> None:
         agentcast.Config(write_timeout=WRITE_TIMEOUT, session_linger=0))
     app = Starlette(routes=[WebSocketRoute("/ws", agentcast.asgi.endpoint(
         authenticate=authenticate))], lifespan=bridge)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    serving = asyncio.create_task(server.serve())
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    # Bound here, so the port is known at once; uvicorn accepts once its lifespan has started.
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    serving = asyncio.create_task(server.serve(sockets=[listener]))
     try:
-        async with asyncio.timeout(STEP):
-            while not server.started:
-                await asyncio.sleep(0.01)  # uvicorn has no started event
-        port = server.servers[0].sockets[0].getsockname()[1]
         async with connect(f"ws://127.0.0.1:{port}/ws?user=bob",
                            subprotocols=["agentcast.ndjson"]) as bob:
             async with asyncio.timeout(STEP):
                 await bob.send(json.dumps({"type": "subscribe", "thread_id": "t1"}))
                 assert json.loads(await bob.recv())["type"] == "subscribed"
-                reader, writer = await slow_client(port)
-                while (await bridge.call(subscriptions)) < 2:
-                    await asyncio.sleep(0.01)  # the slow client's subscribe, not read back
-                assert asgi_tasks() == 2
+                (bobs,) = asgi_tasks()
+                _, writer = await slow_client(port)
+                (slows,) = asgi_tasks() - {bobs}
                 # 300 events of 16 KB: more than the buffers hold, fewer than the send queue.
                 await bridge.call(publish, "slow", 300, 16_000)
                 code = await bridge.call(wait_closed_of, "slow")
@@ -112,9 +118,8 @@ async def scenario() -> None:
                 stats = await bridge.call(lambda m: m.get_stats())
                 assert stats.slow_consumer_disconnects == 1
                 assert stats.connections == 1  # bob's
-                # The asyncio half's stuck write was cancelled: its request task has ended.
-                while asgi_tasks() > 1:
-                    await asyncio.sleep(0.01)
+                # The asyncio half's stuck write was cancelled: its request task ends.
+                await asyncio.wait({slows})
                 writer.close()
 
                 await bridge.call(publish, "bob", 100, 100)
@@ -125,12 +130,12 @@ async def scenario() -> None:
                     seqs += [json.loads(line)["seq"] for line in message.split("\n")]
                 assert seqs == list(range(1, 101))
         async with asyncio.timeout(STEP):
-            while (await bridge.call(lambda m: m.get_stats().connections)) > 0:
-                await asyncio.sleep(0.01)
+            assert await bridge.call(all_closed) == 0
     finally:
         server.should_exit = True
         async with asyncio.timeout(STEP):
             await serving
+        listener.close()
 
 
 def test_the_threaded_bridge_cuts_a_stuck_write_and_keeps_the_bystander_whole() -> None:
