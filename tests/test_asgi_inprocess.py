@@ -20,6 +20,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
+from websockets.exceptions import InvalidStatus
 from websockets.trio.client import connect
 
 import agentcast
@@ -30,6 +31,8 @@ from .rawws import TEXT, RawClient
 
 #: Seconds one write may block before agentcast cuts it (short, so the test is quick).
 WRITE_TIMEOUT = 1.0
+#: Connections one user may hold in these tests.
+MAX_PER_USER = 2
 
 
 def open_fds() -> int:
@@ -77,7 +80,9 @@ class App:
 @pytest.fixture
 async def app() -> AsyncIterator[App]:
     baseline = open_fds()
-    config = agentcast.Config(write_timeout=WRITE_TIMEOUT, session_linger=0)
+    config = agentcast.Config(
+        write_timeout=WRITE_TIMEOUT, session_linger=0, max_connections_per_user=MAX_PER_USER
+    )
     lifespan = agentcast.asgi.lifespan(config)
     starlette = Starlette(
         routes=[WebSocketRoute("/ws", agentcast.asgi.endpoint(authenticate=authenticate))],
@@ -125,6 +130,29 @@ async def test_a_refused_handshake_is_a_401_and_registers_nothing(app: App) -> N
     assert answer.startswith(b"HTTP/1.1 401")
     assert b'{"error":"bad token"}' in answer
     assert app.manager.session("mallory") is None
+
+
+async def test_past_the_connection_limit_a_handshake_gets_429_and_the_others_go_on(
+    app: App,
+) -> None:
+    url = f"ws://127.0.0.1:{app.port}/ws?user=carol&token=ok"
+    with trio.fail_after(10):
+        async with connect(url) as first, connect(url) as second:
+            for ws in (first, second):
+                await ws.send(json.dumps({"type": "subscribe", "thread_id": "t1"}))
+                assert json.loads(await ws.recv())["type"] == "subscribed"
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(url):
+                    pass
+            assert refused.value.response.status_code == 429
+            assert b"max_connections_per_user" in refused.value.response.body
+            session = app.session("carol")
+            assert len(session.connections()) == MAX_PER_USER
+            assert session.get_stats().reserved_connections == 0  # the slot was given back
+            await app.publish("carol", 3)
+            for ws in (first, second):
+                seqs = [json.loads(await ws.recv())["seq"] for _ in range(3)]
+                assert seqs == [1, 2, 3]
 
 
 async def test_a_client_that_stops_reading_is_cut_by_the_write_deadline(app: App) -> None:
