@@ -27,7 +27,7 @@ from agentcast.client._policy import (
 JS = Path(__file__).resolve().parent.parent / "clients" / "js" / "agentcast.js"
 
 
-@pytest.mark.parametrize("code", [1000, 1003, 1007, 1009, 4003])
+@pytest.mark.parametrize("code", [1000, 1002, 1003, 1007, 1008, 1009, 4003])
 def test_codes_that_are_never_retried(code: int) -> None:
     assert close_action(code, can_refresh=True) is Action.STOP
 

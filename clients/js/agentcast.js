@@ -13,8 +13,10 @@
 /** What to do after a close code (docs/protocol.md, "Close codes"). */
 export const CLOSE_POLICY = Object.freeze({
   1000: "stop", // closed on purpose by the server
+  1002: "stop", // a frame broke RFC 6455: a client (library) bug
   1003: "stop", // a binary message: a client bug, reconnecting would loop
   1007: "stop", // invalid UTF-8: a client bug
+  1008: "stop", // policy: a message in too many fragments
   1009: "stop", // a message over the size limit: a client bug
   4003: "stop", // revoked: log in again
   4001: "refresh", // token expired: a new token (getToken), then reconnect and resume

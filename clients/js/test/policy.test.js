@@ -4,8 +4,8 @@ import assert from "node:assert/strict";
 
 import { closeAction, backoffDelay, eventDecision, ackDecision, BACKOFF, CLOSE_POLICY } from "../agentcast.js";
 
-test("close codes: never 1000/1003/1007/1009/4003; 4001 refreshes only with getToken", () => {
-  for (const code of [1000, 1003, 1007, 1009, 4003]) assert.equal(closeAction(code), "stop", String(code));
+test("close codes: never 1000/1002/1003/1007/1008/1009/4003; 4001 refreshes only with getToken", () => {
+  for (const code of [1000, 1002, 1003, 1007, 1008, 1009, 4003]) assert.equal(closeAction(code), "stop", String(code));
   for (const code of [1001, 1006, 1011, 1012, 4008]) assert.equal(closeAction(code), "resume", String(code));
   assert.equal(closeAction(4029), "throttle");
   assert.equal(closeAction(4001), "stop");

@@ -46,8 +46,10 @@ class Action(enum.StrEnum):
 #: Close code -> action (docs/protocol.md, "Close codes").
 CLOSE_POLICY: Final[Mapping[int, Action]] = {
     1000: Action.STOP,  # closed on purpose by the server
+    1002: Action.STOP,  # a frame broke RFC 6455: a client (library) bug
     1003: Action.STOP,  # a binary message: a client bug, reconnecting would loop
     1007: Action.STOP,  # invalid UTF-8: a client bug
+    1008: Action.STOP,  # policy: a message in too many fragments
     1009: Action.STOP,  # a message over the size limit: a client bug
     4003: Action.STOP,  # revoked: log in again
     4001: Action.REFRESH,  # token expired
