@@ -20,7 +20,7 @@ from agentcast.server import issue_token
 from agentcast.server._serve import RunningServer, serve
 from agentcast.server._settings import ServerSettings
 
-from .tokenserver import open_fds
+from .serverkit import open_fds
 
 SECRET = "a-test-secret-that-is-long-enough-for-hs256"
 FAST = Backoff(initial=0.05, throttle_initial=0.4, max=1.0)
