@@ -2,9 +2,11 @@
 
 Under trio (trio-websocket)::
 
-    async with agentcast.client.connect("ws://127.0.0.1:8765/ws", token=token) as client:
+    from agentcast.client import Resync, connect
+
+    async with connect("ws://127.0.0.1:8765/ws", token=token) as client:
         async for item in client.subscribe("thread-1"):
-            if isinstance(item, agentcast.client.Resync):
+            if isinstance(item, Resync):
                 ...  # events were missed: reload the thread from your own store
             else:
                 print(item.seq, item.type, item.data)
