@@ -16,6 +16,7 @@ last event it delivered. Nothing is lost and memory stays bounded.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import ssl
 from collections import deque
@@ -231,9 +232,13 @@ class Client:
     _ws: WebSocketConnection | None = None
     _dropping: bool = False
     _closed: bool = False
+    #: Frames for the writer. Unbounded as a channel so the synchronous ``subscribe`` and
+    #: ``unsubscribe`` can always queue theirs (one per call); ``send`` is bounded by
+    #: ``_outbox_slots`` (OUTBOX_SIZE frames).
     _outbox: tuple[trio.MemorySendChannel[dict[str, Any]],
                    trio.MemoryReceiveChannel[dict[str, Any]]] = attrs.Factory(
-        lambda: trio.open_memory_channel[dict[str, Any]](OUTBOX_SIZE))
+        lambda: trio.open_memory_channel[dict[str, Any]](math.inf))
+    _outbox_slots: trio.Semaphore = attrs.Factory(lambda: trio.Semaphore(OUTBOX_SIZE))
 
     # ---- public -----------------------------------------------------------------------------
 
@@ -254,9 +259,12 @@ class Client:
         return sub
 
     async def send(self, frame: dict[str, Any]) -> None:
-        """Queue ``frame`` for the server (sent on the next connection if disconnected)."""
+        """Queue ``frame`` for the server (sent on the next connection if disconnected); waits
+        while ``OUTBOX_SIZE`` frames are queued. At most once: a frame being written as the
+        connection drops is lost (subscriptions are not: they are resent on reconnect)."""
         self._check_open()
-        await self._outbox[0].send(frame)
+        await self._outbox_slots.acquire()
+        self._outbox[0].send_nowait({"type": "_send", "frame": frame})
 
     async def cancel_run(self, run_id: str) -> None:
         """Ask the server to cancel a run; it ends with ``agent_cancelled``."""
@@ -448,7 +456,10 @@ class Client:
         try:
             async for queued in self._outbox[1]:
                 frame = queued
-                if queued["type"] == "_subscribe":
+                if queued["type"] == "_send":
+                    self._outbox_slots.release()
+                    frame = queued["frame"]
+                elif queued["type"] == "_subscribe":
                     sub = self._subs.get(queued["thread_id"])
                     if sub is None or sub._sent_on == self.connections:
                         continue  # gone, or subscribed by this connection's start already
