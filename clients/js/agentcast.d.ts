@@ -138,6 +138,8 @@ export interface Client {
   readonly stats: ClientStats;
   on<K extends keyof ClientEvents>(name: K, listener: (value: ClientEvents[K]) => void): () => void;
   subscribe(threadId: string, handlers?: SubscriptionHandlers): Subscription;
+  /** Send a frame; queued (at most 64) while not connected. At most once: a frame sent as
+   * the socket drops is lost (subscriptions are resent on every reconnect). */
   send(frame: Record<string, unknown>): void;
   cancelRun(runId: string): void;
   close(): void;
