@@ -15,6 +15,11 @@ Layout, for user ``u`` and thread ``t``:
 - ``agentcast:{u}:revoked``       string: revocation cut-off, Unix seconds; tokens of ``u``
   issued at or before it are refused. Expires ``REVOCATION_TTL`` after the revocation (longer
   than any token the server accepts lives).
+- ``agentcast:{u}:presence``      hash: node id -> ``"<places> <expires>"``, the connections
+  (open or being opened) ``u`` holds on that node and when that entry stops counting (Redis
+  ``TIME`` seconds). Each node rewrites its entries at least every ``PRESENCE_TTL / 3``
+  seconds, so a killed node's entries stop counting within ``PRESENCE_TTL`` seconds of its
+  last heartbeat; every script that reads the hash drops expired entries.
 - ``agentcast:all``              pub/sub channel every node subscribes to (broadcasts)
 
 Channel messages: ``t <thread_id> <seq> <frame>`` for a thread event, ``u <frame>`` for a
@@ -40,10 +45,13 @@ __all__ = [
     "disconnect_message",
     "parse_disconnect_message",
     "revocation_key",
+    "PRESENCE_SCRIPT",
+    "PRESENCE_TTL",
     "PUBLISH_SCRIPT",
     "RECOVER_SCRIPT",
     "meta_key",
     "parse_user_message",
+    "presence_key",
     "split_envelope",
     "stream_key",
     "thread_message",
@@ -110,6 +118,52 @@ end
 return {epoch, latest, frames}
 """
 
+#: Seconds a node's presence entry counts without a heartbeat (see the layout above): the
+#: longest a SIGKILLed node's connections keep counting towards presence and the per-user limit.
+PRESENCE_TTL: Final = 15
+
+#: KEYS: presence. ARGV: node id ("" to only read), places this node holds (including the one
+#: being reserved), limit (-1: none), ttl seconds. Drops expired entries of other nodes, then,
+#: for a node: if the other nodes' places plus this node's exceed the limit, refuses (records
+#: one place fewer for this node: the one refused); otherwise records this node's places (or
+#: deletes its entry at 0). Returns {1 admitted / 0 refused, total places, nodes with places},
+#: atomically, so simultaneous reservations on several nodes never pass the limit together.
+PRESENCE_SCRIPT: Final = """
+local now = tonumber(redis.call('TIME')[1])
+local total, nodes = 0, 0
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  if entries[i] ~= ARGV[1] then
+    local places, expires = string.match(entries[i + 1], '^(%d+) (%d+)$')
+    if not expires or tonumber(expires) <= now then
+      redis.call('HDEL', KEYS[1], entries[i])
+    elseif tonumber(places) > 0 then
+      total = total + tonumber(places)
+      nodes = nodes + 1
+    end
+  end
+end
+if ARGV[1] == '' then
+  return {1, total, nodes}
+end
+local mine = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local admitted = 1
+if limit >= 0 and mine > 0 and total + mine > limit then
+  admitted = 0
+  mine = mine - 1
+end
+if mine > 0 then
+  redis.call('HSET', KEYS[1], ARGV[1], mine .. ' ' .. (now + tonumber(ARGV[4])))
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  total = total + mine
+  nodes = nodes + 1
+else
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return {admitted, total, nodes}
+"""
+
 
 def meta_key(user_id: str, thread_id: str) -> str:
     """The hash holding the stream's epoch and last seq."""
@@ -129,6 +183,11 @@ def threads_key(user_id: str) -> str:
 def user_channel(user_id: str) -> str:
     """The pub/sub channel of one user; a node subscribes while it holds the user."""
     return f"agentcast:{{{user_id}}}:live"
+
+
+def presence_key(user_id: str) -> str:
+    """The hash of the user's connection places per node (presence and the per-user limit)."""
+    return f"agentcast:{{{user_id}}}:presence"
 
 
 def revocation_key(user_id: str) -> str:

@@ -27,6 +27,7 @@ from .._broker import Broker, BrokerStats, EventSink
 from .._events import AgentEvent
 from .._history import Recovery
 from .._manager import ConnectionManager
+from .._presence import Presence
 
 __all__ = ["CONTENT_TYPE", "MeteredBroker", "Metrics"]
 
@@ -74,6 +75,15 @@ class MeteredBroker:
 
     def statistics(self) -> BrokerStats:
         return self.inner.statistics()
+
+    async def wait_ready(self) -> None:
+        await self.inner.wait_ready()
+
+    async def presence(self, user_id: str) -> Presence:
+        return await self.inner.presence(user_id)
+
+    async def reserve_connection(self, user_id: str, places: int, limit: int | None) -> None:
+        await self.inner.reserve_connection(user_id, places, limit)
 
 
 @attrs.define(eq=False)
