@@ -163,9 +163,19 @@ class RedisBroker:
             try:
                 await self._connected_session(None if self._announced else task_status)
             except* outages as group:
-                # After a lost connection the first retry is quick; each failure doubles it.
-                delay = RECONNECT_MIN if self._ops is not None else min(delay * 2, RECONNECT_MAX)
-                self._went_down(first_leaf(group))
+                if trio.current_effective_deadline() == -math.inf:
+                    # Being cancelled (a clean shutdown): coredis's connections closing under
+                    # their pending reads are no outage, and nothing is worth a log line (the
+                    # sleep below raises the Cancelled).
+                    self._ops = self._pubsub = None
+                    self._set_ready(False)
+                    self._reason = "shutting down"
+                else:
+                    # After a lost connection the first retry is quick; each failure doubles.
+                    delay = RECONNECT_MIN if self._ops is not None else min(
+                        delay * 2, RECONNECT_MAX
+                    )
+                    self._went_down(first_leaf(group))
             if not self._announced:
                 self._announced = True
                 task_status.started()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,6 +81,31 @@ def redis_down() -> tuple[type[BaseException], ...]:
     )
 
 
+class _AbandonedConnects(logging.Filter):
+    """Drops coredis's "Connection attempt failed unexpectedly!" when the attempt was cut by
+    one of our deadlines (a cancellation or TimeoutError in its chain): against a frozen Redis
+    that is expected, the broker logs the outage in one line of its own, and coredis would log
+    a multi-screen traceback for every attempt."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != "Connection attempt failed unexpectedly!" or not record.exc_info:
+            return True
+        exc: BaseException | None = record.exc_info[1]
+        seen = 0
+        while exc is not None and seen < 16:
+            if isinstance(exc, TimeoutError) or type(exc).__name__ in {
+                "Cancelled", "CancelledError"
+            }:
+                return False
+            exc, seen = exc.__cause__ or exc.__context__, seen + 1
+        return True
+
+
+@functools.cache
+def _quiet_abandoned_connects() -> None:
+    logging.getLogger("coredis").addFilter(_AbandonedConnects())
+
+
 def redis_client(url: str, timeout: float = CONNECT_TIMEOUT) -> coredis.Redis[str]:
     """A coredis client for ``url`` (``redis://HOST:PORT/DB``) decoding replies to str.
 
@@ -88,6 +114,7 @@ def redis_client(url: str, timeout: float = CONNECT_TIMEOUT) -> coredis.Redis[st
     """
     import coredis  # noqa: PLC0415 - deferred: slow to import
 
+    _quiet_abandoned_connects()
     return coredis.Redis.from_url(
         url, decode_responses=True, connect_timeout=timeout, pool_timeout=timeout
     )
@@ -247,8 +274,8 @@ class StreamOps:
         """
         self._wakeup = anyio.Event()
         try:
-            with redis_errors("loading the publish script", self.timeout):
-                await self.client.script_load(PUBLISH_SCRIPT)
+            # The script is in Redis's cache already (load_scripts, before the owner is ready);
+            # if it goes missing, _send loads it again.
             while True:
                 if not self._queue:
                     self._wakeup = anyio.Event()
