@@ -140,6 +140,8 @@ class RedisBroker:
     _was_connected: bool = False
     _pubsub_messages: int = 0
     _stalls: int = 0
+    #: Orders this node's presence writes (see ``PRESENCE_SCRIPT``): taken with each count.
+    _presence_seq: int = 0
 
     def __attrs_post_init__(self) -> None:
         if not self.timeout > 0 or not self.outage_grace >= 0:
@@ -298,8 +300,9 @@ class RedisBroker:
                 if places != self._written.get(user_id, 0) or (renew and places):
                     changes[user_id] = places
             if changes and self._stalled_since is None:
+                self._presence_seq += 1
                 try:
-                    await ops.heartbeat(self.node_id, changes)
+                    await ops.heartbeat(self.node_id, changes, self._presence_seq)
                 except BrokerUnavailable as exc:
                     log.debug("presence heartbeat failed, retrying: %s", exc)
                 else:
@@ -431,8 +434,9 @@ class RedisBroker:
             TooManyConnections: the user already holds ``limit`` places over the cluster.
             BrokerUnavailable: Redis is not ready or did not answer within ``timeout``.
         """
+        self._presence_seq += 1  # taken with ``places``: no await since it was counted
         admitted, total, nodes = await self._require_ops().sync_presence(
-            user_id, self.node_id, places, limit
+            user_id, self.node_id, places, limit, self._presence_seq
         )
         written = places if admitted else places - 1
         if written > 0:

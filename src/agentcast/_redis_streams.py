@@ -401,15 +401,16 @@ class StreamOps:
         Raises:
             BrokerUnavailable: Redis did not answer within ``timeout``.
         """
-        _, places, nodes = await self.sync_presence(user_id, "", 0, None)
+        _, places, nodes = await self.sync_presence(user_id, "", 0, None, 0)
         return Presence(places, nodes)
 
     async def sync_presence(
-        self, user_id: str, node_id: str, places: int, limit: int | None
+        self, user_id: str, node_id: str, places: int, limit: int | None, seq: int
     ) -> tuple[bool, int, int]:
         """Record that ``node_id`` holds ``places`` of the user's connections (including one
         being reserved) and check them against ``limit`` over every node, atomically (see
-        ``PRESENCE_SCRIPT``); ``node_id`` "" only reads.
+        ``PRESENCE_SCRIPT``); ``node_id`` "" only reads. ``seq`` orders the node's writes: give
+        every count a higher one than the last, taken when the count is.
 
         Returns:
             (admitted, places over every node, nodes holding them), after the write.
@@ -417,14 +418,14 @@ class StreamOps:
         Raises:
             BrokerUnavailable: Redis did not answer within ``timeout``.
         """
-        args = [node_id, places, -1 if limit is None else limit, PRESENCE_TTL]
+        args = [node_id, places, -1 if limit is None else limit, PRESENCE_TTL, seq]
         with redis_errors("presence", self.timeout):
             reply = await self._presence(keys=[presence_key(user_id)], args=args)
         return bool(reply[0]), int(reply[1]), int(reply[2])
 
-    async def heartbeat(self, node_id: str, places: dict[str, int]) -> None:
+    async def heartbeat(self, node_id: str, places: dict[str, int], seq: int) -> None:
         """Rewrite this node's presence entries (``user -> places``, 0 deletes) in one
-        pipeline, renewing their expiry.
+        pipeline, renewing their expiry; ``seq`` as in :meth:`sync_presence`.
 
         Raises:
             BrokerUnavailable: Redis did not answer within ``timeout``.
@@ -437,5 +438,5 @@ class StreamOps:
                 for user_id, count in places.items():
                     pipe.evalsha(
                         sha, keys=[presence_key(user_id)],
-                        args=[node_id, count, -1, PRESENCE_TTL],
+                        args=[node_id, count, -1, PRESENCE_TTL, seq],
                     )
