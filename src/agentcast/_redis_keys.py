@@ -17,9 +17,10 @@ Layout, for user ``u`` and thread ``t``:
   than any token the server accepts lives).
 - ``agentcast:{u}:presence``      hash: node id -> ``"<places> <expires> <seq>"``, the
   connections (open or being opened) ``u`` holds on that node, when that entry stops counting
-  (Redis ``TIME`` seconds) and the node's write seq of that count. Each node rewrites its entries at least every ``PRESENCE_TTL / 3``
-  seconds, so a killed node's entries stop counting within ``PRESENCE_TTL`` seconds of its
-  last heartbeat; every script that reads the hash drops expired entries.
+  (Redis ``TIME`` seconds) and the node's write seq of that count. Each node rewrites its
+  entries at least every ``PRESENCE_TTL / 3`` seconds, so a killed node's entries stop
+  counting within ``PRESENCE_TTL`` seconds of its last heartbeat; every script that reads the
+  hash drops expired entries.
 - ``agentcast:all``              pub/sub channel every node subscribes to (broadcasts)
 
 Channel messages: ``t <thread_id> <seq> <frame>`` for a thread event, ``u <frame>`` for a
