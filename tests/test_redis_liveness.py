@@ -344,3 +344,68 @@ async def test_a_clean_sigterm_logs_no_lost_backplane(redis_server: RedisServer)
     assert "lost the Redis backplane" not in stderr
     assert "No matching script" not in stderr
     assert "Traceback" not in stderr
+
+
+ADMIN = "an-admin-token-that-is-at-least-32-bytes-long"
+
+
+async def get_metrics(port: int) -> str:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(
+            f"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    return data.split(b"\r\n\r\n", 1)[1].decode()
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} is not in /metrics")
+
+
+async def test_metrics_report_the_backplanes_figures(redis_server: RedisServer) -> None:
+    from agentcast.server._serve import serve
+    from agentcast.server._settings import ServerSettings
+
+    settings = ServerSettings(
+        port=0, secret=SECRET, admin_token=ADMIN, redis_url=redis_server.url,
+        redis_timeout=TIMEOUT, redis_grace=0.5, core=Config(shutdown_timeout=2.0),
+    )
+    stop = trio.Event()
+    with trio.fail_after(4 * STEP):
+        async with trio.open_nursery() as nursery:
+            running = await nursery.start(
+                lambda task_status: serve(settings, stop=stop, task_status=task_status)
+            )
+            manager = running.server.manager
+            await manager.wait_ready()
+            client, _ = await connect(session(manager), ("t1",), capacity=256)
+            await client.receive()
+            for i in range(5):
+                await session(manager).send_to_thread("t1", thinking(str(i)))
+            assert await seqs_until(client, 5) == [1, 2, 3, 4, 5]
+            before = await get_metrics(running.port)
+            assert metric(before, "agentcast_redis_publish_seconds_count") == 5
+            assert metric(before, 'agentcast_redis_publish_seconds_bucket{le="+Inf"}') == 5
+            assert metric(before, "agentcast_redis_pipeline_depth") == 0
+            assert metric(before, "agentcast_redis_reconnects_total") == 0
+            assert metric(before, "agentcast_redis_pubsub_messages_total") >= 5
+            with frozen(redis_server):
+                await wait_for(lambda: broker_of_server(manager)._ops is None)
+            await manager.wait_ready()
+            after = await get_metrics(running.port)
+            assert metric(after, "agentcast_redis_reconnects_total") == 1
+            assert metric(after, "agentcast_redis_stalls_total") == 1
+            stop.set()
+
+
+def broker_of_server(manager: ConnectionManager) -> RedisBroker:
+    inner = getattr(manager.broker, "inner", None)
+    assert isinstance(inner, RedisBroker)
+    return inner
