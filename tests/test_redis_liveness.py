@@ -409,3 +409,81 @@ def broker_of_server(manager: ConnectionManager) -> RedisBroker:
     inner = getattr(manager.broker, "inner", None)
     assert isinstance(inner, RedisBroker)
     return inner
+
+
+async def test_a_node_started_on_a_frozen_redis_starts_not_ready_then_connects(
+    redis_server: RedisServer,
+) -> None:
+    with frozen(redis_server):
+        with trio.fail_after(TIMEOUT + SLACK):
+            async with node(redis_server.url) as a:
+                broker = broker_of(a)
+                assert not broker.statistics().ready
+                assert "did not answer" in broker.statistics().reason
+                opened = a
+        assert opened.closing
+    async with node(redis_server.url) as a:
+        with trio.fail_after(STEP):
+            await a.wait_ready()
+        assert await session(a).send_to_thread("t1", thinking("x")) == 1
+
+
+# trio-websocket leaves the socket of a connection closed under it to the garbage collector.
+@pytest.mark.filterwarnings("ignore:unclosed <socket:ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+async def test_a_serve_process_without_redis_at_start_then_through_a_restart(
+    tmp_path: Any,
+) -> None:
+    from .redis_server import redis_binary
+
+    redis = RedisServer(redis_binary(), tmp_path, free_port(), persist=True)
+    token = issue_token(SECRET, "alice")
+    ws_url = f"ws://127.0.0.1:{{}}/ws?token={token}"
+    try:
+        with agentcast_serve("--redis-url", redis.url, "--redis-timeout", str(TIMEOUT)) as (
+            process, port,
+        ):
+            with trio.fail_after(STEP):
+                body = await wait_health(port, ready=False)
+            assert "redis unavailable" in body["reason"]
+            await trio.to_thread.run_sync(redis.start)
+            with trio.fail_after(STEP):
+                await wait_health(port, ready=True)
+            async with RedisPublisher(redis.url) as pub, open_websocket_url(
+                ws_url.format(port)
+            ) as ws:
+                await ws.send_message(json.dumps({"type": "subscribe", "thread_id": "t1"}))
+                with trio.fail_after(STEP):
+                    ack = json.loads(await ws.get_message())
+                    await pub.send_to_thread("alice", "t1", thinking("kept"))
+                    assert json.loads(await ws.get_message())["seq"] == 1
+                await trio.to_thread.run_sync(redis.stop)
+                with trio.fail_after(STEP), pytest.raises(ConnectionClosed) as closed:
+                    await ws.get_message()
+                assert closed.value.reason.code == 1012
+                del closed
+            with trio.fail_after(STEP):
+                body = await wait_health(port, ready=False)
+            assert "redis unavailable" in body["reason"]
+            await trio.to_thread.run_sync(redis.start)
+            with trio.fail_after(STEP):
+                await wait_health(port, ready=True)
+            async with open_websocket_url(ws_url.format(port)) as ws:
+                await ws.send_message(json.dumps({
+                    "type": "subscribe", "thread_id": "t1", "since_seq": 0,
+                    "epoch": ack["epoch"],
+                }))
+                with trio.fail_after(STEP):
+                    resumed = json.loads(await ws.get_message())
+                    assert resumed["recovered"] is True
+                    assert json.loads(await ws.get_message())["seq"] == 1
+            with warnings.catch_warnings():  # collect the 1012-closed socket here, not later
+                warnings.simplefilter("ignore", ResourceWarning)
+                gc.collect()
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=STEP)
+        assert process.returncode == 0
+        assert "Traceback" not in stderr, stderr
+        assert sum("lost the Redis backplane" in line for line in stderr.splitlines()) == 1
+    finally:
+        await trio.to_thread.run_sync(redis.stop)

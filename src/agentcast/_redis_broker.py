@@ -160,7 +160,9 @@ class RedisBroker:
         """
         self._sink = sink
         delay = RECONNECT_MIN
-        outages: tuple[type[BaseException], ...] = (*redis_down(), BrokerUnavailable, _Frozen)
+        outages: tuple[type[BaseException], ...] = (
+            *redis_down(), trio.TooSlowError, BrokerUnavailable, _Frozen
+        )
         while True:
             try:
                 await self._connected_session(None if self._announced else task_status)

@@ -136,7 +136,8 @@ def first_leaf(exc: BaseException) -> BaseException:
 
 def describe(exc: BaseException, timeout: float | None = None) -> str:
     """One line saying what went wrong with a Redis call (a bare TimeoutError says nothing)."""
-    if isinstance(exc, TimeoutError) and not str(exc):
+    # TooSlowError: trio's fail_after (the broker's); TimeoutError: anyio's (shared code).
+    if (isinstance(exc, TimeoutError) and not str(exc)) or type(exc).__name__ == "TooSlowError":
         within = "" if timeout is None else f" within {timeout:g} s"
         return f"Redis did not answer{within}"
     return str(exc) or type(exc).__name__
