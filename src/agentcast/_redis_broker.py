@@ -210,14 +210,20 @@ class RedisBroker:
             log.warning("Redis backplane unavailable (attempt %d): %s", self._failures, error)
 
     async def _connected_session(self, task_status: trio.TaskStatus[None] | None) -> None:
+        # Two clients: coredis multiplexes plain calls over one pooled connection, but a
+        # pipeline holds a connection of its own and the pool opens another for every call
+        # made meanwhile. With the flusher's pipelines on their own client, each pool keeps
+        # exactly the connections it opened here (plus the pub/sub one), whatever the load.
         client = redis_client(self.url, self.timeout)
-        async with client:
+        pipelines = redis_client(self.url, self.timeout)
+        async with client, pipelines:
             ops = StreamOps(
-                client, self.config, timeout=self.timeout, publish_latency=self._publish_latency
+                client, self.config, timeout=self.timeout, publish_latency=self._publish_latency,
+                pipeline_client=pipelines,
             )
             with trio.fail_after(self.timeout):
                 await client.ping()
-            await ops.load_scripts()
+                await pipelines.ping()
             pubsub = client.pubsub(
                 retry_policy=None,
                 ignore_subscribe_messages=True,
@@ -228,6 +234,9 @@ class RedisBroker:
                     await pubsub.subscribe(ALL_CHANNEL)
                     for user_id in list(self._held):
                         await pubsub.subscribe(user_channel(user_id))
+                # After the pub/sub took the pinged connection for itself: this opens the one
+                # the plain calls share, now rather than under load.
+                await ops.load_scripts()
                 async with trio.open_nursery() as tasks:
                     # Publishes from every session go out as pipelines: one round trip and
                     # a fraction of coredis's per-call CPU for all made meanwhile.
@@ -272,6 +281,8 @@ class RedisBroker:
                     )
                     self._stalled_since = None
                     self._reason = ""
+                    # Entries may have expired meanwhile: rewrite them all on the next poll.
+                    self._written.clear()
                     self._set_ready(True)
                 continue
             if self._stalled_since is None:

@@ -63,6 +63,8 @@ CONNECT_TIMEOUT: Final = 2.0
 REDIS_TIMEOUT: Final = 2.0
 #: Most publishes sent in one pipeline by :meth:`StreamOps.flush_publishes`.
 PIPELINE_MAX: Final = 256
+#: Most presence entries written at once by :meth:`StreamOps.heartbeat`.
+PRESENCE_BATCH: Final = 256
 
 
 # coredis is imported on first use, not with agentcast: it takes most of a second to import
@@ -188,6 +190,9 @@ class StreamOps:
     #: Seconds from a publish being made to its seq coming back (owned by the caller, so it
     #: outlives one connection).
     publish_latency: DeliveryLatency = attrs.Factory(DeliveryLatency)
+    #: Where the flusher's pipelines go (default: ``client``); a client of their own keeps
+    #: ``client``'s pool from opening a connection for each call made while one is in flight.
+    pipeline_client: coredis.Redis[str] | None = None
     _publish: Any = None
     _recover: Any = None
     _presence: Any = None
@@ -328,7 +333,7 @@ class StreamOps:
 
     async def _pipeline(self, batch: list[_Pending]) -> None:
         sha = self._publish.sha
-        async with self.client.pipeline(transaction=False) as pipe:
+        async with (self.pipeline_client or self.client).pipeline(transaction=False) as pipe:
             replies = [pipe.evalsha(sha, keys=p.keys, args=p.args) for p in batch]
         for pending, reply in zip(batch, replies, strict=True):
             pending.seq = int(await reply)  # type: ignore[arg-type]
@@ -425,19 +430,24 @@ class StreamOps:
         return bool(reply[0]), int(reply[1]), int(reply[2])
 
     async def heartbeat(self, node_id: str, places: dict[str, int], seq: int) -> None:
-        """Rewrite this node's presence entries (``user -> places``, 0 deletes) in one
-        pipeline, renewing their expiry; ``seq`` as in :meth:`sync_presence`.
+        """Rewrite this node's presence entries (``user -> places``, 0 deletes), renewing
+        their expiry; ``seq`` as in :meth:`sync_presence`.
+
+        Sent as concurrent plain calls, ``PRESENCE_BATCH`` at a time, not as a pipeline:
+        coredis multiplexes plain calls over one pooled connection, while a pipeline holds a
+        connection of its own and makes the pool open another for every call made meanwhile.
 
         Raises:
             BrokerUnavailable: Redis did not answer within ``timeout``.
         """
-        if not places:
-            return
-        sha = self._presence.sha
+        entries = list(places.items())
         with redis_errors("presence heartbeat", self.timeout):
-            async with self.client.pipeline(transaction=False) as pipe:
-                for user_id, count in places.items():
-                    pipe.evalsha(
-                        sha, keys=[presence_key(user_id)],
-                        args=[node_id, count, -1, PRESENCE_TTL, seq],
-                    )
+            for start in range(0, len(entries), PRESENCE_BATCH):
+                async with anyio.create_task_group() as writers:
+                    for user_id, count in entries[start : start + PRESENCE_BATCH]:
+                        writers.start_soon(self._write_presence, user_id, node_id, count, seq)
+
+    async def _write_presence(self, user_id: str, node_id: str, places: int, seq: int) -> None:
+        await self._presence(
+            keys=[presence_key(user_id)], args=[node_id, places, -1, PRESENCE_TTL, seq]
+        )
