@@ -21,6 +21,7 @@ from typing import Any
 import coredis
 import pytest
 import trio
+import trio.testing
 from trio_websocket import ConnectionRejected, open_websocket_url
 
 import agentcast
@@ -239,3 +240,24 @@ async def holding_then_killed(
             assert await pub.presence("alice") == Presence(3, 1)
             assert await refused_status(port_b) == 429
         stop.set()
+
+
+async def test_without_redis_a_limited_connection_is_refused_and_its_slot_given_back(
+    redis_server: RedisServer,
+) -> None:
+    async with node(redis_server.url) as a:
+        _, first = await connect(alice(a))
+        await trio.to_thread.run_sync(redis_server.stop)
+        with trio.fail_after(STEP):
+            while a.broker.statistics().ready:  # noqa: ASYNC110 - Redis is another process
+                await trio.sleep(0.01)
+        with pytest.raises(agentcast.BrokerUnavailable):
+            await connect(alice(a))
+        # The connection that was open got 1012 and is gone; the refused one left no slot.
+        with trio.fail_after(STEP):
+            await first.wait_closed()
+        assert first.close_code == 1012
+        await trio.testing.wait_all_tasks_blocked()
+        assert alice(a).connection_places == 0
+        with pytest.raises(agentcast.BrokerUnavailable):
+            await a.presence("alice")
