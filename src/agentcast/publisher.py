@@ -49,7 +49,7 @@ class PublisherRun(RunEmitter):
     _ended: bool = False
     _scope: anyio.CancelScope = attrs.Factory(anyio.CancelScope)
     _cancel_reason: str | None = None
-    _tools_started: dict[str, float] = attrs.Factory(dict)
+    _tools_started: dict[str, tuple[str, float]] = attrs.Factory(dict)
 
     def __repr__(self) -> str:
         state = "ended" if self._ended else "active"
