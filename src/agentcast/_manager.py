@@ -225,8 +225,11 @@ class ConnectionManager:
         every eighth of it: one task for all connections instead of a cancel scope per write,
         so a stuck write ends between ``write_timeout`` and 1.125 times it. The same sweep
         closes connections whose token expired (4001), within an eighth of ``write_timeout``
-        of the expiry: no task or cancel scope per idle connection."""
+        of the expiry: no task or cancel scope per idle connection. It also sends heartbeats,
+        checking at least every quarter of ``heartbeat_interval``."""
         period = self.config.write_timeout / 8
+        if self.config.heartbeat_interval is not None:
+            period = min(period, self.config.heartbeat_interval / 4)
         while True:
             await trio.sleep(period)
             now = trio.current_time()

@@ -273,10 +273,12 @@ class UserSession:
 
     def check_writes(self, now: float) -> None:
         """Close connections whose current write has outlasted ``write_timeout`` (4008), or
-        whose credentials have expired (4001, after ``token_expiring``)."""
+        whose credentials have expired (4001, after ``token_expiring``); send a heartbeat on
+        those idle for ``heartbeat_interval``."""
         for connection in tuple(self._connections.values()):
             connection.check_write(now)
             connection.check_expiry(now)
+            connection.check_heartbeat(now)
 
     def connections(self) -> list[Connection]:
         """This user's open connections."""

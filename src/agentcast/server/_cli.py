@@ -62,6 +62,9 @@ def _env_flag(name: str) -> bool:
 
 #: Log levels ``--log-level`` accepts.
 LOG_LEVELS: Final = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+#: Shortest ``--heartbeat``, seconds: a data frame per connection more often than this is load,
+#: not keepalive.
+MIN_HEARTBEAT: Final = 1.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -195,6 +198,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--token-audience", default=_env("TOKEN_AUDIENCE"),
                      help="tokens must carry this aud claim (AGENTCAST_TOKEN_AUDIENCE); "
                           "without it an aud claim is not checked (default: none)")
+    run.add_argument("--heartbeat", metavar="SECONDS",
+                     type=_number(float, "--heartbeat", "HEARTBEAT", minimum=MIN_HEARTBEAT),
+                     default=_env("HEARTBEAT"),
+                     help="send a {\"type\":\"heartbeat\"} data frame on a connection idle "
+                          "this long, for proxies that ignore pings (AGENTCAST_HEARTBEAT; "
+                          "default: off)")
 
     token = commands.add_parser("token", help="print a signed token that serve accepts")
     token.add_argument("--user", required=True, help="the user id the token names (required)")
@@ -345,7 +354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             admin_token=check_admin_token(args.admin_token or None),
             allowed_origins=tuple(args.allowed_origins), demo=args.demo,
             demo_speed=args.demo_speed, max_connections_per_user=args.max_connections_per_user,
-            core=attrs.evolve(Config(), max_message_bytes=args.max_message_bytes),
+            core=attrs.evolve(
+                Config(), max_message_bytes=args.max_message_bytes,
+                heartbeat_interval=args.heartbeat,
+            ),
             redis_url=args.redis_url or None, reuse_port=_env_flag("REUSE_PORT"),
             redis_timeout=args.redis_timeout, redis_grace=args.redis_grace,
             token_issuer=args.token_issuer or None, token_audience=args.token_audience or None,
