@@ -2,7 +2,7 @@
 
 Rules of this module: pure, no I/O, no trio. Every key of one user carries the hash tag
 ``{user_id}``, so all of a user's keys (and the channel name) hash to one cluster slot and a
-script may touch them together. Ids are restricted to ``[A-Za-z0-9_.:@+-]`` (see ``_ids``),
+script may touch them together. Ids are restricted to ``[A-Za-z0-9_.:@+|-]`` (see ``_ids``),
 so they never contain braces or spaces and can be joined into keys and messages unescaped.
 
 Layout, for user ``u`` and thread ``t``:

@@ -33,6 +33,8 @@ from .._redact import MASK, redact_text
 from .._session import ConnectionSlot
 from ._admin import admin_refusal
 from ._auth import AuthError, Claims
+from ._client_js import CACHE_CONTROL, client_script, not_modified
+from ._client_js import CONTENT_TYPE as SCRIPT_TYPE
 from ._front import HeadError, PrefixedStream, RequestHead, read_request_head, send_response
 from ._http_rules import ALLOW, LogLimiter, Refusal, Upgrade, decide_upgrade, stats_page
 from ._inbound import InboundGuard
@@ -193,6 +195,19 @@ class Server:
                 stream, 426, {"error": "this endpoint needs a WebSocket upgrade"}, head=head,
                 extra_headers=[("Upgrade", "websocket")],
             )
+        elif path == "/client.js":
+            # The browser client, for pages without a build step: import from "/client.js".
+            script = client_script()
+            cache = [("ETag", script.etag), ("Cache-Control", CACHE_CONTROL),
+                     ("X-Content-Type-Options", "nosniff")]
+            if not_modified(head.header("if-none-match"), script.etag):
+                await send_response(  # headers only; Content-Length that of the 200
+                    stream, 304, script.body, content_type=SCRIPT_TYPE, extra_headers=cache,
+                    head_only=True, write_timeout=self.settings.http_write_timeout,
+                )
+            else:
+                await self._respond(stream, 200, script.body, head=head,
+                                    content_type=SCRIPT_TYPE, extra_headers=cache)
         elif path == "/" and self.demo_page is not None:
             await self._respond(
                 stream, 200, self.demo_page, head=head, content_type="text/html; charset=utf-8"

@@ -18,7 +18,7 @@ import trio
 
 from .._broker import Broker, InMemoryBroker
 from .._errors import ClientError
-from .._manager import open_manager
+from .._manager import ConnectionManager, open_manager
 from .._redis_broker import RedisBroker
 from .._session import MessageHandler, UserSession
 from ..demo import simulated_agent
@@ -53,6 +53,13 @@ class RunningServer:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def manager(self) -> ConnectionManager:
+        """The server's :class:`~agentcast.ConnectionManager`: publish from the embedding
+        program with ``running.manager.get_websocket_manager(ctx)`` (a user's session), as
+        from any manager; see examples/serve_and_publish.py."""
+        return self.server.manager
 
 
 def demo_message_handler(speed: float) -> MessageHandler:
