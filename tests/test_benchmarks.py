@@ -141,6 +141,6 @@ def test_write_all_produces_every_file(tmp_path: Path) -> None:
     written = report.write_all(_results(), tmp_path)
     assert {path.name for path in written} == {
         "results.json", "results.md", "latency_vs_load.png", "cpu_per_event.png",
-        "memory_per_connection.png",
+        "memory_per_connection.png", "tokens.png",
     }
     assert all(path.stat().st_size > 0 for path in written)
