@@ -90,6 +90,22 @@ def test_a_port_in_use_is_one_line_and_exit_status_2(busy_port: int) -> None:
     assert done.stdout == ""
 
 
+def test_a_port_in_use_with_workers_is_the_workers_line_and_exit_status_2(
+    busy_port: int,
+) -> None:
+    # No Redis listens on port 1: the workers start not-ready and then fail to listen.
+    done = run([*SERVE, "--port", str(busy_port), "--workers", "2",
+                "--redis-url", "redis://127.0.0.1:1/0"])
+    assert done.returncode == 2
+    assert done.stdout == ""
+    errors = [line for line in done.stderr.splitlines() if line.startswith("agentcast serve:")]
+    assert errors, done.stderr
+    assert set(errors) == {
+        f"agentcast serve: cannot listen on 127.0.0.1:{busy_port}: Address already in use"
+    }
+    assert "Traceback" not in done.stderr
+
+
 async def test_the_listening_line_is_first_on_stdout_whatever_is_logged_before() -> None:
     # Nothing listens on port 1: the Redis broker logs its failed first connection before the
     # server reports started, so something is on stderr before the listening line.
