@@ -20,7 +20,7 @@ COLUMNS: dict[str, list[str]] = {
                         "p999", "losses", "burst_deliveries", "loadgen_cpu_share", "sustained"],
     "tokens": ["connections", "offered_per_s", "events_per_s", "server_cpu_us_per_event",
                "server_cpu_share", "p50", "p99", "p999", "losses", "duplicates",
-               "order_violations", "cross_user", "loadgen_cpu_share", "sustained"],
+               "order_violations", "cross_user", "loadgen_cores_used", "sustained"],
     "idle": ["connections", "kb_per_connection", "rss_connected_mb", "connect_failures"],
     "connect": ["connections", "handshakes_per_s", "handshake_p99_ms", "failures"],
     "slow-consumer": ["offered_per_s", "p99_undisturbed", "p99_with_slow", "p99_ratio",

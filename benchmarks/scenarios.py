@@ -176,6 +176,9 @@ def _throughput(load: dict[str, Any], processes: int) -> dict[str, Any]:
         # Closing the connections afterwards, apart: it is not delivery work.
         "teardown_cpu_s": round(load["teardown_cpu"], 3),
         "loadgen_cpu_share": round(load["loadgen_cpu"] / wall / processes, 2),
+        # Cores the load generators used together: near the cores they have (1 when pinned on
+        # 2 cores), the clients, not the server, set the arrival stamps.
+        "loadgen_cores_used": round(load["loadgen_cpu"] / wall, 2),
         **load["latency_ms"], **load["tally"],
     }
 
