@@ -169,6 +169,69 @@ def token_verdicts(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def issue12_verdicts(results: dict[str, Any], status: str = "") -> list[str]:
+    """Issue 12's server targets, each MET or MISSED with the figures of this run.
+
+    ``status`` is appended to every verdict (e.g. "server work not yet addressed"), so a run
+    taken before the server work says so next to each figure.
+    """
+    peers = results["peers"]
+    ours, ws = peers.get("agentcast", {}), peers.get("websockets", {})
+    note = f" ({status})" if status else ""
+    lines: list[str] = []
+
+    def verdict(ok: bool) -> str:
+        return ("MET" if ok else "MISSED") + note
+
+    theirs = {r["offered_per_s"]: r for r in rows_of(ws.get("steady")) if r.get("sustained")}
+    pairs = [(r, theirs[r["offered_per_s"]]) for r in rows_of(ours.get("steady"))
+             if r.get("sustained") and r["offered_per_s"] in theirs]
+    if pairs:
+        cpu = "server_cpu_us_per_event"
+        worse = [a["offered_per_s"] for a, b in pairs if (a.get(cpu) or 0) > (b.get(cpu) or 0)]
+        figures = ", ".join(f"{a['offered_per_s']}/s {a.get('server_cpu_us_per_event')} vs "
+                            f"{b.get('server_cpu_us_per_event')}" for a, b in pairs)
+        lines.append(f"steady CPU per delivery ≤ websockets': {verdict(not worse)} — µs "
+                     f"agentcast vs websockets: {figures}")
+    lines += [line.replace("MET", verdict(True)).replace("MISSED", verdict(False))
+              for line in token_verdicts(results) if line.startswith("tokens ") and "conns" in line]
+    mine = {r["offered_per_s"]: r for r in rows_of(ours.get("steady")) if r.get("sustained")}
+    if mine:
+        worse = []
+        for peer, scenarios in peers.items():
+            if peer == "agentcast":
+                continue
+            for row in rows_of(scenarios.get("steady")):
+                a = mine.get(row["offered_per_s"])
+                if a is None or not row.get("sustained"):
+                    continue
+                if (a["p50"] or 0) > (row["p50"] or 0) or (a["p99"] or 0) > (row["p99"] or 0):
+                    worse.append(f"{peer}@{row['offered_per_s']}")
+        lines.append(f"steady p50 and p99 ≤ every peer's at every level both sustain: "
+                     f"{verdict(not worse)} — agentcast higher against: "
+                     f"{', '.join(worse) or 'none'}")
+    if ours.get("steady") and ws.get("steady"):
+        sat_a, all_a = saturation(rows_of(ours.get("steady")))
+        sat_b, _ = saturation(rows_of(ws.get("steady")))
+        lines.append(f"steady saturation ≥ 2x websockets': {verdict(sat_a >= 2 * sat_b > 0)} — "
+                     f"agentcast {'≥ ' if all_a else ''}{sat_a}/s vs websockets {sat_b}/s")
+    idle = {peer: (s.get("idle") or {}).get("kb_per_connection") for peer, s in peers.items()}
+    if idle.get("agentcast") is not None:
+        kb, cf = idle["agentcast"], idle.get("centrifuge")
+        ok = kb <= 20 and (cf is None or kb < cf)
+        lines.append(f"idle ≤ 20 KB per connection, below centrifuge's: {verdict(ok)} — "
+                     f"agentcast {kb} KB, centrifuge {cf}, websockets {idle.get('websockets')}")
+    hs = {peer: (s.get("connect") or {}).get("handshakes_per_s") for peer, s in peers.items()}
+    if hs.get("agentcast") is not None and hs.get("websockets") is not None:
+        lines.append(f"handshakes/s ≥ websockets': {verdict(hs['agentcast'] >= hs['websockets'])}"
+                     f" — agentcast {hs['agentcast']}/s vs websockets {hs['websockets']}/s")
+    if ours:
+        failures = [f for f in integrity_failures({"peers": {"agentcast": ours}})]
+        lines.append(f"no integrity regression (losses, duplicates, order, cross-user): "
+                     f"{'MET' if not failures else 'MISSED'} — {', '.join(failures) or 'all 0'}")
+    return lines
+
+
 def tokens_sustained(rows: list[dict[str, Any]]) -> int:
     """Highest offered deliveries/s of a sustained ``tokens`` level (0 when none held)."""
     return max((r["offered_per_s"] for r in rows if r.get("sustained")), default=0)
@@ -246,6 +309,8 @@ def markdown(results: dict[str, Any]) -> str:
         "Affinity: " + _affinity(meta.get("affinity")), "",
         "## Verdicts (issue 4 targets; issue 12 tokens)", "",
         *[f"- {line}" for line in verdicts(results)], "",
+        "## Issue 12 server targets", "",
+        *[f"- {line}" for line in issue12_verdicts(results)], "",
     ]
     for scenario in COLUMNS:
         if any(scenario in s for s in results["peers"].values()):

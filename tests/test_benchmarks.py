@@ -214,6 +214,26 @@ def test_tokens_rows_give_verdicts_and_the_highest_sustained_level() -> None:
     assert report.integrity_failures(results) == ["agentcast: duplicates=1"]
 
 
+def test_issue12_targets_carry_figures_and_the_status() -> None:
+    results = _results()
+    peers = results["peers"]
+    peers["agentcast"]["steady"][0]["server_cpu_us_per_event"] = 50.0  # type: ignore[index]
+    peers["websockets"]["steady"][0]["server_cpu_us_per_event"] = 25.0  # type: ignore[index]
+    peers["websockets"]["connect"] = {"handshakes_per_s": 800}  # type: ignore[index]
+    peers["agentcast"]["connect"] = {"handshakes_per_s": 400}  # type: ignore[index]
+    lines = report.issue12_verdicts(results, "not yet addressed")
+    assert lines[0] == ("steady CPU per delivery ≤ websockets': MISSED (not yet addressed) — "
+                        "µs agentcast vs websockets: 1000/s 50.0 vs 25.0")
+    # agentcast's p99 (2 ms) is below websockets' (4 ms) at the one level both sustain.
+    assert lines[1].startswith("steady p50 and p99 ≤ every peer's at every level both sustain: "
+                               "MET (not yet addressed) — agentcast higher against: none")
+    assert lines[2].startswith("steady saturation ≥ 2x websockets': MISSED")
+    assert lines[3].startswith("idle ≤ 20 KB per connection, below centrifuge's: MET")
+    assert lines[4] == ("handshakes/s ≥ websockets': MISSED (not yet addressed) — agentcast "
+                        "400/s vs websockets 800/s")
+    assert lines[5].endswith("MET — all 0")
+
+
 def test_integrity_failures_are_reported_per_peer() -> None:
     results = _results()
     assert report.integrity_failures(results) == []
