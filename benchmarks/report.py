@@ -154,12 +154,16 @@ def token_verdicts(results: dict[str, Any]) -> list[str]:
         other = theirs.get(mine["connections"])
         a = mine["server_cpu_us_per_event"]
         b = None if other is None else other["server_cpu_us_per_event"]
-        ok = a is not None and b is not None and a <= b and not mine["losses"]
+        # Past saturation a backlog batches, so CPU per delivery there flatters: only a level
+        # agentcast sustained can meet the target.
+        ok = (a is not None and b is not None and a <= b and not mine["losses"]
+              and bool(mine.get("sustained")))
+        held = "" if mine.get("sustained") else " (not sustained)"
         lines.append(
             f"tokens {mine['connections']} conns: {'MET' if ok else 'MISSED'} — agentcast {a} "
             f"µs of server CPU per delivery vs websockets {b} (target ≤ websockets'); p50/p99/"
             f"p999 {mine['p50']}/{mine['p99']}/{mine['p999']} ms; offered "
-            f"{mine['offered_per_s']}/s, delivered {mine['events_per_s']}/s"
+            f"{mine['offered_per_s']}/s, delivered {mine['events_per_s']}/s{held}"
         )
     sustained = {peer: tokens_sustained(rows_of(s.get("tokens"))) for peer, s in peers.items()
                  if s.get("tokens")}

@@ -202,8 +202,12 @@ def test_tokens_rows_give_verdicts_and_the_highest_sustained_level() -> None:
                                           "offered_per_s": 105000, "sustained": False}]
     peers["websockets"]["tokens"] = [{**row, "server_cpu_us_per_event": 25.0}]  # type: ignore[index]
     lines = report.token_verdicts(results)
-    assert lines[0].startswith("tokens 1000 conns: MISSED — agentcast 40.0")
+    assert lines[0].startswith("tokens 1000 conns: MISSED — agentcast 40.0")  # 25 for websockets
     assert lines[1].startswith("tokens 3000 conns: MISSED")  # nothing to compare with
+    assert lines[1].endswith("(not sustained)")
+    peers["agentcast"]["tokens"][0]["sustained"] = False  # type: ignore[index]
+    assert report.token_verdicts(results)[0].startswith("tokens 1000 conns: MISSED")
+    peers["agentcast"]["tokens"][0]["sustained"] = True  # type: ignore[index]
     assert lines[2] == ("tokens, highest load sustained (deliveries/s): agentcast 35000, "
                         "websockets 35000")
     assert "| agentcast | 1000 | 35000 |" in report.markdown(results)
