@@ -387,13 +387,15 @@ def _tokens_plot(peers: dict[str, Any], path: Path) -> Path:
         rows = [r for r in rows_of(scenarios.get("tokens")) if r.get("p99") is not None]
         if rows:
             conns = [r["connections"] for r in rows]
-            left.plot(conns, [r["p99"] for r in rows], "o-", label=f"{peer} p99")
-            left.plot(conns, [r["p50"] for r in rows], ":", alpha=0.6, label=f"{peer} p50")
+            (line,) = left.plot(conns, [r["p99"] for r in rows], "o-", label=f"{peer} p99")
+            left.plot(conns, [r["p50"] for r in rows], ":", color=line.get_color(),
+                      label=f"{peer} p50")
             right.plot(conns, [r["server_cpu_us_per_event"] or 0 for r in rows], "o-",
-                       label=peer)
+                       color=line.get_color(), label=peer)
     left.set(xscale="log", yscale="log", xlabel="connections (one token stream each)",
              ylabel="latency (ms)", title="tokens: latency")
-    right.set(xscale="log", xlabel="connections", ylabel="server CPU µs per delivery",
+    right.set(xscale="log", yscale="log", xlabel="connections",
+              ylabel="server CPU µs per delivery",
               title="tokens: CPU per delivery")
     for ax in (left, right):
         if ax.get_legend_handles_labels()[0]:
