@@ -6,7 +6,7 @@ when the block that started it exits, so nothing outlives the run.
 Where the machine allows, the peer and the load generators run on different cores
 (:func:`plan_affinity`, applied with ``os.sched_setaffinity`` in the child before it execs), so
 a busy server does not starve the clients that stamp arrivals; :func:`set_affinity` chooses it
-for the whole run (``--no-pin`` turns it off).
+for the whole run (``--no-pin`` turns it off) and :func:`affinity_as` for one scenario.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any, Final
 
@@ -63,6 +63,17 @@ def set_affinity(affinity: Affinity) -> None:
     """Use ``affinity`` for every peer and load generator started from now on."""
     global _affinity  # noqa: PLW0603 - one setting for the whole run, chosen by the runner
     _affinity = affinity
+
+
+@contextmanager
+def affinity_as(affinity: Affinity) -> Iterator[None]:
+    """Use ``affinity`` inside the block, then the run's setting again."""
+    previous = _affinity
+    set_affinity(affinity)
+    try:
+        yield
+    finally:
+        set_affinity(previous)
 
 
 def _pinned(cores: tuple[int, ...] | None) -> Callable[[], None] | None:
