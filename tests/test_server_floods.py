@@ -19,12 +19,12 @@ from trio_websocket import open_websocket_url
 
 from agentcast import Config, Connection
 from agentcast.server._inbound import InboundGuard, InboundStatistics
-from agentcast.server._serve import serve
 from agentcast.server._settings import ServerSettings
 
 from .rawws import CLOSE, CONTINUATION, PING, PONG, TEXT, RawClient, encode_frame
+from .serverkit import serving
 from .test_frames import raw_frame
-from .test_server_faults import SECRET, Bystander, Fixture, open_fds, read_json
+from .test_server_faults import SECRET, Bystander, Fixture, read_json
 
 #: Bytes per second and burst of the byte bucket: small, so a flood shows it within seconds.
 BYTE_RATE = 64 * 1024
@@ -49,26 +49,13 @@ SETTINGS = ServerSettings(
 
 @pytest.fixture
 async def fixture(caplog: pytest.LogCaptureFixture) -> AsyncIterator[Fixture]:
-    stop = trio.Event()
-    baseline = open_fds()
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            running = await nursery.start(
-                lambda task_status: serve(SETTINGS, stop=stop, task_status=task_status)
-            )
-            fixture = Fixture(running, stop)
-            try:
-                yield fixture
-            finally:
-                for client in fixture.clients:
-                    await client.reset()  # RST: the server drops what it has not read yet
-            for user in list(fixture.manager.get_stats().per_user):
-                await fixture.gone(user)
-            stats = fixture.manager.get_stats()
-            assert stats.connections == 0
-            assert all(user.live_tasks <= 1 for user in stats.per_user.values())
-            stop.set()
-    assert open_fds() <= baseline
+    async with serving(SETTINGS) as served:
+        fixture = Fixture(served.running, served.stop)
+        try:
+            yield fixture
+        finally:
+            for client in fixture.clients:
+                await client.reset()  # RST: the server drops what it has not read yet
     # No handler failed on the way (e.g. trio-websocket answering a ping after the close).
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 

@@ -71,7 +71,9 @@ def positive(instance: object, attribute: attrs.Attribute[Any], value: float) ->
         raise ValueError(f"{type(instance).__name__}.{attribute.name} must be > 0, got {value!r}")
 
 
-def _positive_or_none(instance: object, attribute: attrs.Attribute[Any], value: int | None) -> None:
+def _positive_or_none(
+    instance: object, attribute: attrs.Attribute[Any], value: float | None
+) -> None:
     if value is not None:
         positive(instance, attribute, value)
 
@@ -167,3 +169,8 @@ class Config:
     )
     #: Inbound frames allowed at once above the sustained frame rate.
     inbound_frames_burst: int = attrs.field(default=INBOUND_FRAMES_BURST, validator=positive)
+    #: Seconds without anything sent on a connection after which the server sends a
+    #: ``{"type":"heartbeat"}`` data frame, for proxies that drop idle sockets and ignore
+    #: WebSocket pings; None: off. The manager's watchdog checks every quarter of it (or every
+    #: eighth of ``write_timeout``, if that is shorter), so one goes out within 1.25 times this.
+    heartbeat_interval: float | None = attrs.field(default=None, validator=_positive_or_none)

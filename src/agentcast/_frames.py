@@ -26,6 +26,7 @@ import attrs
 
 from ._config import Config
 from ._protocol import CloseCode
+from ._ratelimit import TokenBucket  # the one bucket, shared with the message-rate limiter
 
 __all__ = ["FrameLimits", "FrameScanner", "FrameViolation", "TokenBucket"]
 
@@ -42,51 +43,6 @@ MAX_CONTROL_PAYLOAD: Final = 125
 MAX_HEADER_BYTES: Final = 14
 #: Shortest valid client frame: 2 header bytes and a 4-byte mask, no payload.
 MIN_FRAME_BYTES: Final = 6
-
-
-@attrs.define
-class TokenBucket:
-    """A token bucket: ``rate`` tokens per second up to ``capacity``; starts full."""
-
-    rate: float
-    capacity: float
-    tokens: float
-    updated: float
-
-    @classmethod
-    def full(cls, rate: float, capacity: float, now: float) -> TokenBucket:
-        return cls(rate, capacity, capacity, now)
-
-    def _refill(self, now: float) -> None:
-        if now > self.updated:
-            self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
-            self.updated = now
-
-    def take(self, amount: float, now: float) -> bool:
-        """Take ``amount`` tokens if there are that many; False (nothing taken) otherwise."""
-        self._refill(now)
-        if self.tokens >= amount:
-            self.tokens -= amount
-            return True
-        return False
-
-    def charge(self, amount: float, now: float) -> None:
-        """Take ``amount`` tokens even if that leaves the bucket in debt."""
-        self._refill(now)
-        self.tokens -= amount
-
-    def available(self, now: float) -> float:
-        """Tokens in the bucket at ``now`` (negative while in debt)."""
-        self._refill(now)
-        return self.tokens
-
-    def delay(self, now: float, want: float = 1.0) -> float:
-        """Seconds until the bucket holds ``want`` tokens (0 when it has a token to spare);
-        ``want`` is capped at the capacity."""
-        self._refill(now)
-        if self.tokens > 0 and want <= 1.0:
-            return 0.0
-        return max(0.0, min(want, self.capacity) - self.tokens) / self.rate
 
 
 @attrs.frozen
