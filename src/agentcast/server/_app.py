@@ -31,6 +31,7 @@ from .._manager import ConnectionManager
 from .._protocol import BATCH_SUBPROTOCOL, PLAIN_SUBPROTOCOL, CloseCode
 from .._redact import MASK, redact_text
 from .._session import ConnectionSlot
+from ..protocols import SUBPROTOCOLS, wrap_transport
 from ._admin import admin_refusal
 from ._auth import AuthError, Claims
 from ._front import HeadError, PrefixedStream, RequestHead, read_request_head, send_response
@@ -375,7 +376,8 @@ class Server:
         # token in the response). A browser that offers only bearer.<token> then fails the
         # handshake, so it must offer agentcast.v1 or agentcast.ndjson too.
         subprotocol = next(
-            (ours for ours in (BATCH_SUBPROTOCOL, PLAIN_SUBPROTOCOL) if ours in offered), None
+            (ours for ours in (BATCH_SUBPROTOCOL, PLAIN_SUBPROTOCOL, *SUBPROTOCOLS)
+             if ours in offered), None
         )
         return claims, subprotocol, slot
 
@@ -399,9 +401,13 @@ class Server:
                     nursery.cancel_scope.cancel()
                     return
                 # A token naming threads subscribes to them and confines the client to them.
+                # agentcast.agui / agentcast.vercel-ai: translated at the edge (batched
+                # inside, the translator frames what the client receives).
                 connection = await session.add_connection(
-                    ws, threads=claims.threads, allowed_threads=claims.threads or None,
-                    slot=slot, credentials=self.tokens.grant(claims),
+                    wrap_transport(ws, subprotocol), threads=claims.threads,
+                    allowed_threads=claims.threads or None, slot=slot,
+                    credentials=self.tokens.grant(claims),
+                    batch=True if subprotocol in SUBPROTOCOLS else None,
                 )
             finally:
                 slot.release()
