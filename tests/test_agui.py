@@ -28,6 +28,7 @@ from agentcast.protocols.agui import (
 from agentcast.server import issue_token
 from agentcast.server._settings import ServerSettings
 
+from .gated_agent import GatedAgent
 from .serverkit import serving
 
 EVENTS: TypeAdapter[Any] = TypeAdapter(Event)
@@ -236,7 +237,8 @@ async def test_agui_websocket_streams_a_demo_run_and_resumes_exactly() -> None:
 
 
 async def test_agui_cancel_ends_the_run_with_outcome_cancelled() -> None:
-    async with serving(SETTINGS) as served:
+    gated = GatedAgent()
+    async with serving(SETTINGS, message_handler=gated.handler) as served:
         url = f"ws://127.0.0.1:{served.running.port}/ws?token={issue_token(SECRET, 'bob')}"
         events: list[dict[str, Any]] = []
         with trio.fail_after(20):
@@ -245,14 +247,15 @@ async def test_agui_cancel_ends_the_run_with_outcome_cancelled() -> None:
                     "threadId": "t-c", "runId": "x",
                     "messages": [{"id": "m1", "role": "user", "content": "long question"}],
                 }))
-                while not any(e["type"] == "RUN_STARTED" for e in events):
+                while not any(e["type"] == "TEXT_MESSAGE_CONTENT" for e in events):
                     events.extend(await read_agui(ws))
                 run_id = next(e["runId"] for e in events if e["type"] == "RUN_STARTED")
                 await ws.send_message(json.dumps({"type": "cancel_run", "run_id": run_id}))
                 while not any(e["type"] in ("RUN_FINISHED", "RUN_ERROR") for e in events):
                     events.extend(await read_agui(ws))
-        assert events[-1]["type"] == "RUN_FINISHED"
+        assert [e["type"] for e in events][-2:] == ["TEXT_MESSAGE_END", "RUN_FINISHED"]
         assert events[-1]["outcome"] == {"type": "cancelled"}
+        assert not gated.gate.is_set()
 
 
 async def test_agui_bad_input_gets_an_error_event_and_the_connection_goes_on() -> None:
