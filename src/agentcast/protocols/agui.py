@@ -73,6 +73,15 @@ class AguiTranslator:
                 self._control(frame, out)
         return out
 
+    def translate_frame(self, frame: dict[str, Any]) -> list[dict[str, Any]]:
+        """The AG-UI events for one parsed native frame (an event or a control frame)."""
+        out: list[dict[str, Any]] = []
+        if is_event(frame):
+            self._event(frame, out)
+        else:
+            self._control(frame, out)
+        return out
+
     def encode(self, message: str | bytes) -> str:
         """:meth:`translate` as the NDJSON text sent to an ``agentcast.agui`` client."""
         return "\n".join(dump(event) for event in self.translate(message))

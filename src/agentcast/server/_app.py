@@ -40,6 +40,7 @@ from ._inbound import InboundGuard
 from ._keepalive import Keepalive
 from ._metrics import CONTENT_TYPE, Metrics
 from ._settings import ServerSettings
+from ._sse import AGUI_CANCEL_PATH, AGUI_PATH, serve_agui
 from ._tokens import MemoryRevocations, Revocations, TokenVerifier
 
 __all__ = ["Server"]
@@ -177,6 +178,13 @@ class Server:
     async def _http(self, stream: trio.abc.Stream, head: RequestHead) -> None:
         if head.path == "/admin/revoke":
             await self._admin_revoke(stream, head)
+            return
+        if head.path in (AGUI_PATH, AGUI_CANCEL_PATH):
+            # AG-UI's HttpAgent: POST a RunAgentInput, read the run as SSE (issue 15).
+            await serve_agui(
+                stream, head, settings=self.settings, manager=self.manager,
+                tokens=self.tokens, respond=self._respond, origin_allowed=self._origin_allowed,
+            )
             return
         if head.method not in ("GET", "HEAD"):
             await self._respond(

@@ -1,0 +1,189 @@
+"""``POST /agui``: AG-UI's HttpAgent transport (a RunAgentInput in, the run's events as SSE out)
+over a real loopback server: port 0, every wait bounded, the server's leak checks at the end.
+The real ``@ag-ui/client`` HttpAgent is driven in ``clients/agui-test`` (see .ci/run)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import trio
+from ag_ui.core import Event
+from pydantic import TypeAdapter
+
+from agentcast import Config
+from agentcast.server import issue_token
+from agentcast.server._settings import ServerSettings
+from agentcast.server._sse import parse_last_event_id
+
+from .gated_agent import GatedAgent
+from .serverkit import serving
+
+EVENTS: TypeAdapter[Any] = TypeAdapter(Event)
+SECRET = "a-test-secret-that-is-long-enough-for-hs256"
+SETTINGS = ServerSettings(
+    port=0, secret=SECRET, demo=True, demo_speed=200.0, handshake_timeout=5.0,
+    core=Config(shutdown_timeout=2.0),
+)
+
+
+def run_input(thread: str = "t-http", text: str = "what is trio?") -> dict[str, Any]:
+    return {"threadId": thread, "runId": "client-run", "state": {}, "tools": [], "context": [],
+            "forwardedProps": {}, "messages": [{"id": "m1", "role": "user", "content": text}]}
+
+
+class SseStream:
+    """A raw HTTP/1.1 POST whose answer is read event by event."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = b""
+        self.status = 0
+
+    @classmethod
+    async def post(cls, port: int, path: str, body: dict[str, Any], *headers: str) -> SseStream:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        data = json.dumps(body).encode()
+        head = [f"POST {path} HTTP/1.1", "Host: x", "Content-Type: application/json",
+                f"Content-Length: {len(data)}", "Accept: text/event-stream", *headers]
+        await stream.send_all(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+        client = cls(stream)
+        while b"\r\n\r\n" not in client.buffer:
+            client.buffer += await client._receive()
+        response_head, _, client.buffer = client.buffer.partition(b"\r\n\r\n")
+        client.status = int(response_head.split()[1])
+        return client
+
+    async def _receive(self) -> bytes:
+        data = await self.stream.receive_some(65536)
+        if not data:
+            raise EOFError
+        return data
+
+    async def body(self) -> Any:
+        while True:
+            try:
+                self.buffer += await self._receive()
+            except EOFError:
+                return json.loads(self.buffer)
+
+    async def event(self) -> tuple[str | None, dict[str, Any]] | None:
+        """The next SSE event (id, data), validated as an AG-UI event; None at the end."""
+        while b"\n\n" not in self.buffer:
+            try:
+                self.buffer += await self._receive()
+            except EOFError:
+                return None
+        block, _, self.buffer = self.buffer.partition(b"\n\n")
+        fields = dict(line.split(": ", 1) for line in block.decode().split("\n"))
+        event = json.loads(fields["data"])
+        EVENTS.validate_python(event)
+        return fields.get("id"), event
+
+    async def events(self) -> list[tuple[str | None, dict[str, Any]]]:
+        got = []
+        while (item := await self.event()) is not None:
+            got.append(item)
+        return got
+
+
+def bearer(user: str) -> str:
+    return f"Authorization: Bearer {issue_token(SECRET, user)}"
+
+
+async def test_a_post_streams_the_run_as_sse_and_ends() -> None:
+    async with serving(SETTINGS) as served:
+        with trio.fail_after(20):
+            sse = await SseStream.post(served.running.port, "/agui", run_input(), bearer("al"))
+            assert sse.status == 200
+            events = await sse.events()
+            await sse.stream.aclose()
+    types = [event["type"] for _, event in events]
+    assert types[0] == "RUN_STARTED"
+    assert types[-1] == "RUN_FINISHED"
+    assert "TOOL_CALL_RESULT" in types
+    assert "ACTIVITY_SNAPSHOT" in types
+    ids = [parse_last_event_id(event_id) for event_id, _ in events]
+    assert all(item is not None for item in ids)
+    seqs = [item[0] for item in ids if item is not None]
+    assert seqs == sorted(seqs)
+    assert [event["metadata"]["seq"] for _, event in events] == seqs
+
+
+async def test_last_event_id_resumes_a_dropped_stream_from_history() -> None:
+    gated = GatedAgent()
+    async with serving(SETTINGS, message_handler=gated.handler) as served:
+        port = served.running.port
+        with trio.fail_after(20):
+            sse = await SseStream.post(port, "/agui", run_input(), bearer("bo"))
+            first = []
+            while not any(event["type"] == "TEXT_MESSAGE_CONTENT" for _, event in first):
+                item = await sse.event()
+                assert item is not None
+                first.append(item)
+            await sse.stream.aclose()  # dropped mid-answer; the run goes on
+            last_id = first[-1][0]
+            resumed = await SseStream.post(
+                port, "/agui", run_input(), bearer("bo"), f"Last-Event-ID: {last_id}"
+            )
+            # Nothing after Last-Event-ID until the agent goes on: let it.
+            gated.gate.set()
+            opened = await resumed.event()
+            rest = await resumed.events()
+            await resumed.stream.aclose()
+    assert opened is not None
+    assert opened[1]["type"] == "RUN_STARTED"
+    assert opened[1]["metadata"]["synthetic"] is True
+    text = "".join(e["delta"] for _, e in first + rest if e["type"] == "TEXT_MESSAGE_CONTENT")
+    assert text == "Hello, world."
+    assert [e["type"] for _, e in rest][-2:] == ["TEXT_MESSAGE_END", "RUN_FINISHED"]
+    assert parse_last_event_id(rest[0][0])[0] == parse_last_event_id(last_id)[0] + 1  # type: ignore[index]
+
+
+async def test_cancel_endpoint_ends_the_stream_with_outcome_cancelled() -> None:
+    gated = GatedAgent()
+    async with serving(SETTINGS, message_handler=gated.handler) as served:
+        port = served.running.port
+        with trio.fail_after(20):
+            sse = await SseStream.post(port, "/agui", run_input(), bearer("cy"))
+            started = await sse.event()
+            assert started is not None
+            run_id = started[1]["runId"]
+            cancel = await SseStream.post(port, "/agui/cancel", {"runId": run_id}, bearer("cy"))
+            assert (cancel.status, await cancel.body()) == (200, {"cancelled": True})
+            await cancel.stream.aclose()
+            rest = await sse.events()
+            await sse.stream.aclose()
+            other = await SseStream.post(port, "/agui/cancel", {"runId": run_id}, bearer("zed"))
+            assert other.status == 404  # another user's run cannot be named
+            await other.stream.aclose()
+    assert rest[-1][1]["type"] == "RUN_FINISHED"
+    assert rest[-1][1]["outcome"] == {"type": "cancelled"}
+
+
+async def test_refusals_auth_method_body() -> None:
+    async with serving(SETTINGS) as served:
+        port = served.running.port
+        with trio.fail_after(20):
+            for headers, body, status in [
+                ((), run_input(), 401),
+                (("Authorization: Bearer forged",), run_input(), 401),
+                ((bearer("dd"),), {"threadId": "t"}, 400),
+                ((bearer("dd"),), {"messages": []}, 400),
+                ((bearer("dd"), "Last-Event-ID: 3:nope"), {"threadId": "t-x"}, 200),
+            ]:
+                answer = await SseStream.post(port, "/agui", body, *headers)
+                assert answer.status == status
+                if status == 200:
+                    # A resume the history cannot serve says so, and the stream ends.
+                    (only,) = await answer.events()
+                    assert only[1]["type"] == "RUN_ERROR"
+                    assert only[1]["code"] == "resume_failed"
+                await answer.stream.aclose()
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"GET /agui HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = b""
+            while chunk := await stream.receive_some(65536):
+                reply += chunk
+            await stream.aclose()
+            assert reply.startswith(b"HTTP/1.1 405")
