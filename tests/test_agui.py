@@ -21,6 +21,7 @@ from agentcast._events import encode_envelope
 from agentcast.protocols import AGUI_SUBPROTOCOL
 from agentcast.protocols.agui import (
     MAX_TRACKED_RUNS,
+    MAX_TRACKED_THREADS,
     AguiTranslator,
     input_to_native,
     last_user_text,
@@ -162,6 +163,13 @@ def test_unfinished_runs_are_bounded() -> None:
                                       run=f"r-{index}"))
     assert len(translator._runs) == MAX_TRACKED_RUNS
     assert "r-0" not in translator._runs
+
+
+def test_remembered_epochs_are_bounded() -> None:
+    translator = AguiTranslator()
+    for index in range(MAX_TRACKED_THREADS + 5):
+        translator.translate(ACK.replace("t-1", f"t-{index}"))
+    assert len(translator._epochs) == MAX_TRACKED_THREADS
 
 
 def test_run_agent_input_becomes_subscribe_and_user_message() -> None:

@@ -151,6 +151,25 @@ def test_refused_requests_are_answered_through_the_connection_as_errors() -> Non
     assert frames(translator, '{"type":"error","code":"bad_json","message":"x"}') == []
 
 
+def test_hostile_frames_never_break_the_translator() -> None:
+    translator = VercelTranslator()
+    # A client's own ping with the reply key only echoes to itself; a non-object is ignored.
+    assert frames(translator, '{"type":"pong","id":{"agentcast.vercel-ai":5}}') == []
+    assert frames(translator, '{"type":"pong","id":{"agentcast.vercel-ai":{"x":1}}}') == [
+        {"x": 1}
+    ]
+    # A requestId reused for another chat follows the new chat only.
+    translator.upstream(send_frame("q1"))
+    translator.upstream(send_frame("q1").replace("chat-1", "chat-2"))
+    assert translator.downstream(RUN[0]) == []
+    for bad in ('{"type":"send","requestId":7}', '{"type":"resume","requestId":"r","id":1}',
+                '{"type":"resume","requestId":"r","id":"c","lastSequence":"x"}', "[]", b"\x00"):
+        out = translator.upstream(bad)
+        assert len(out) == 1
+        if out[0] != bad:
+            assert json.loads(out[0])["type"] == "ping"
+
+
 def test_open_requests_are_bounded() -> None:
     translator = VercelTranslator()
     for index in range(MAX_REQUESTS):

@@ -33,6 +33,7 @@ from ._native import dump, frames_of, is_event
 __all__ = [
     "AGUI_SUBPROTOCOL",
     "MAX_TRACKED_RUNS",
+    "MAX_TRACKED_THREADS",
     "AguiTranslator",
     "input_to_native",
     "last_user_text",
@@ -44,6 +45,9 @@ AGUI_SUBPROTOCOL: Final = "agentcast.agui"
 #: Unfinished runs one translator remembers; past it the oldest is forgotten (its next event
 #: would open it again, marked synthetic).
 MAX_TRACKED_RUNS: Final = 256
+#: Threads whose epoch one translator remembers (a connection subscribes to at most
+#: ``Config.max_subscriptions`` at once; this bounds one that keeps changing them).
+MAX_TRACKED_THREADS: Final = 1024
 #: Name prefix of the CUSTOM events that carry agentcast's control frames and custom events.
 CUSTOM_PREFIX: Final = "agentcast."
 #: Longest user text taken from a ``RunAgentInput`` (the demo agent reads 2000 characters).
@@ -92,6 +96,8 @@ class AguiTranslator:
         kind = str(frame.get("type"))
         if kind == "subscribed" and isinstance(frame.get("epoch"), str):
             self._epochs[str(frame.get("thread_id"))] = frame["epoch"]
+            if len(self._epochs) > MAX_TRACKED_THREADS:
+                del self._epochs[next(iter(self._epochs))]
         value = {key: item for key, item in frame.items() if key != "type"}
         out.append({"type": "CUSTOM", "name": CUSTOM_PREFIX + kind, "value": value})
 

@@ -189,6 +189,9 @@ class VercelTranslator:
         ]
 
     def _track(self, request: _Request) -> None:
+        reused = self._requests.get(request.request_id)
+        if reused is not None:
+            self._forget(reused)
         old = self._by_thread.get(request.thread_id)
         if old is not None:
             self._requests.pop(old, None)
@@ -227,8 +230,9 @@ class VercelTranslator:
 
     def _control(self, frame: dict[str, Any], out: list[str]) -> None:
         kind = frame.get("type")
-        if kind == "pong" and isinstance(frame.get("id"), dict) and REPLY_KEY in frame["id"]:
-            reply = frame["id"][REPLY_KEY]
+        reply = frame.get("id", {}).get(REPLY_KEY) if isinstance(frame.get("id"), dict) else None
+        if kind == "pong" and isinstance(reply, dict):
+            # A client may ping with such an id itself: it only ever gets its own id back.
             request = self._requests.get(str(reply.get("requestId")))
             if request is not None:
                 self._forget(request)
