@@ -4,14 +4,19 @@ The real ``@ag-ui/client`` HttpAgent is driven in ``clients/agui-test`` (see .ci
 
 from __future__ import annotations
 
+import functools
 import json
+import socket
 from typing import Any
 
+import attrs
 import trio
 from ag_ui.core import Event
 from pydantic import TypeAdapter
+from trio_websocket import open_websocket_url
 
-from agentcast import Config
+from agentcast import CloseCode, Config, MessageHandler, Run, UserSession
+from agentcast.demo import simulated_agent
 from agentcast.server import issue_token
 from agentcast.server._settings import ServerSettings
 from agentcast.server._sse import parse_last_event_id
@@ -187,3 +192,62 @@ async def test_refusals_auth_method_body() -> None:
                 reply += chunk
             await stream.aclose()
             assert reply.startswith(b"HTTP/1.1 405")
+
+
+async def flood_agent(run: Run, text: str) -> str:
+    """Streams far more than any socket buffer holds, without waiting for anyone."""
+    for _ in range(3000):
+        await run.text("x" * 2000)
+    return "flooded"
+
+
+def flood_or_demo() -> MessageHandler:
+    async def handle(session: UserSession, connection: Any, frame: dict[str, Any]) -> None:
+        await trio.lowlevel.checkpoint()
+        agent = flood_agent if frame["text"] == "flood" else functools.partial(
+            simulated_agent, speed=200.0
+        )
+        session.start_run(frame["thread_id"], agent, frame["text"], agent_name="bench")
+
+    return handle
+
+
+async def test_a_client_that_stops_reading_is_cut_off_and_others_stream_on() -> None:
+    settings = attrs.evolve(
+        SETTINGS, http_write_timeout=1.0, core=Config(shutdown_timeout=2.0, write_timeout=1.0)
+    )
+    async with serving(settings, message_handler=flood_or_demo()) as served:
+        port, manager = served.running.port, served.running.server.manager
+        with trio.fail_after(20):
+            # The attacker: a tiny receive buffer, reads the response head and stops reading.
+            sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            await sock.connect(("127.0.0.1", port))
+            attacker = SseStream(trio.SocketStream(sock))
+            body = json.dumps(run_input("t-flood", "flood")).encode()
+            await attacker.stream.send_all(
+                b"POST /agui HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"{bearer('mallory')}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+            )
+            while b"\r\n\r\n" not in attacker.buffer:
+                attacker.buffer += await attacker._receive()
+            assert attacker.buffer.startswith(b"HTTP/1.1 200")
+            while b"RUN_STARTED" not in attacker.buffer:  # its stream began; now it stops
+                attacker.buffer += await attacker._receive()
+            session = manager.session("mallory")
+            assert session is not None
+            (stuck,) = session.connections()
+            # A bystander's run streams complete and in order meanwhile.
+            url = f"ws://127.0.0.1:{port}/ws?token={issue_token(SECRET, 'bystander')}"
+            events = []
+            async with open_websocket_url(url) as ws:
+                await ws.send_message('{"type":"subscribe","thread_id":"t-b"}')
+                await ws.send_message('{"type":"user_message","thread_id":"t-b","text":"hi"}')
+                while not events or events[-1]["type"] != "agent_completed":
+                    frame = json.loads(await ws.get_message())
+                    if "seq" in frame and frame["type"] != "subscribed":
+                        events.append(frame)
+            await stuck.wait_closed()  # cut by the write deadline or the full queue
+            await attacker.stream.aclose()
+    assert stuck.close_code in (CloseCode.SLOW_CONSUMER, 1006), stuck.close_code
+    assert [event["seq"] for event in events] == list(range(1, len(events) + 1))
