@@ -376,6 +376,17 @@ class Server:
         except TooManyConnections as exc:
             await self._refuse(stream, 429, "connection_limit", str(exc))
             return None
+        try:
+            # With Redis the limit holds over the cluster: claim the place there as well.
+            await self.manager.reserve_cluster_connection(session)
+        except TooManyConnections as exc:
+            slot.release()
+            await self._refuse(stream, 429, "connection_limit", str(exc))
+            return None
+        except BrokerUnavailable as exc:
+            slot.release()
+            await self._refuse(stream, 503, "backplane_unavailable", str(exc))
+            return None
         offered = [
             value.strip() for value in (head.header("sec-websocket-protocol") or "").split(",")
             if value.strip()
