@@ -251,3 +251,21 @@ async def test_a_client_that_stops_reading_is_cut_off_and_others_stream_on() -> 
             await attacker.stream.aclose()
     assert stuck.close_code in (CloseCode.SLOW_CONSUMER, 1006), stuck.close_code
     assert [event["seq"] for event in events] == list(range(1, len(events) + 1))
+
+
+async def test_streams_count_against_the_per_user_connection_limit() -> None:
+    gated = GatedAgent()
+    settings = attrs.evolve(SETTINGS, max_connections_per_user=1)
+    async with serving(settings, message_handler=gated.handler) as served:
+        port = served.running.port
+        with trio.fail_after(20):
+            held = await SseStream.post(port, "/agui", run_input(), bearer("eve"))
+            assert (await held.event()) is not None  # its connection is counted now
+            refused = await SseStream.post(port, "/agui", run_input("t-2"), bearer("eve"))
+            assert refused.status == 429
+            assert "connections" in (await refused.body())["error"]
+            await refused.stream.aclose()
+            gated.gate.set()
+            rest = await held.events()
+            await held.stream.aclose()
+    assert rest[-1][1]["type"] == "RUN_FINISHED"

@@ -184,6 +184,7 @@ class Server:
             await serve_agui(
                 stream, head, settings=self.settings, manager=self.manager,
                 tokens=self.tokens, respond=self._respond, origin_allowed=self._origin_allowed,
+                draining=self.draining,
             )
             return
         if head.method not in ("GET", "HEAD"):

@@ -28,9 +28,10 @@ import trio
 from trio_websocket import CloseReason, ConnectionClosed
 
 from .._context import UserContext
-from .._errors import TooManyConnections
+from .._errors import BrokerUnavailable, SessionClosed, TooManyConnections
 from .._manager import ConnectionManager
 from .._protocol import CloseCode
+from .._session import UserSession
 from ..protocols._native import dump, frames_of, is_event
 from ..protocols.agui import AGUI_SUBPROTOCOL, AguiTranslator, last_user_text
 from ._auth import AuthError, Claims
@@ -163,6 +164,16 @@ class SseTransport:
         await trio.aclose_forcefully(self.stream)
 
 
+async def transport_error(stream: trio.abc.Stream, within: float, message: str) -> None:
+    """Write one ``RUN_ERROR`` event (``code: unavailable``) on a stream whose head is out."""
+    event = _sse(None, {"type": "RUN_ERROR", "code": "unavailable", "message": message})
+    with trio.move_on_after(within):
+        try:
+            await stream.send_all(event.encode())
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+
 def _sse(event_id: str | None, event: dict[str, Any]) -> str:
     head = f"id: {event_id}\n" if event_id is not None else ""
     return f"{head}data: {dump(event)}\n\n"
@@ -240,11 +251,14 @@ async def _admit(
 async def serve_agui(
     stream: trio.abc.Stream, head: RequestHead, *, settings: ServerSettings,
     manager: ConnectionManager, tokens: TokenVerifier, respond: Respond,
-    origin_allowed: Callable[[str | None], bool],
+    origin_allowed: Callable[[str | None], bool], draining: bool = False,
 ) -> None:
     """Answer ``POST /agui`` (an SSE stream of a run) or ``POST /agui/cancel``."""
     if head.path not in (AGUI_PATH, AGUI_CANCEL_PATH):
         await respond(stream, 404, {"error": f"no such endpoint {head.path!r}"})
+        return
+    if draining:
+        await respond(stream, 503, {"error": "the server is shutting down"})
         return
     claims = await _admit(stream, head, respond, tokens, origin_allowed)
     if claims is None:
@@ -257,12 +271,12 @@ async def serve_agui(
     session = manager.get_websocket_manager(UserContext(user_id=claims.user_id))
     if head.path == AGUI_CANCEL_PATH:
         run_id = request.get("runId")
-        cancelled = isinstance(run_id, str) and session.cancel_run(
+        if isinstance(run_id, str) and session.cancel_run(
             run_id, "cancelled by client", threads=allowed
-        )
-        status = 200 if cancelled else 404
-        await respond(stream, status, {"cancelled": cancelled} if cancelled else
-                      {"error": f"no active run {run_id!r} of yours"})
+        ):
+            await respond(stream, 200, {"cancelled": True})
+        else:
+            await respond(stream, 404, {"error": f"no active run {run_id!r} of yours"})
         return
     thread_id = request.get("threadId")
     if not isinstance(thread_id, str) or (allowed is not None and thread_id not in allowed):
@@ -274,10 +288,29 @@ async def serve_agui(
     if isinstance(frames, str):
         await respond(stream, 400, {"error": frames})
         return
+    await _stream(stream, frames, resume is not None, claims, session, settings=settings,
+                  manager=manager, tokens=tokens, respond=respond)
+
+
+async def _stream(
+    stream: trio.abc.Stream, frames: list[str], resumed: bool, claims: Claims,
+    session: UserSession, *, settings: ServerSettings, manager: ConnectionManager,
+    tokens: TokenVerifier, respond: Respond,
+) -> None:
+    """Reserve the connection's place, write the SSE head and serve the connection."""
+    allowed = frozenset(claims.threads) if claims.threads else None
     try:
         slot = session.reserve_connection()
     except TooManyConnections as exc:
         await respond(stream, 429, {"error": str(exc)})
+        return
+    try:
+        # With Redis the per-user limit holds over the cluster, as for /ws.
+        await manager.reserve_cluster_connection(session)
+    except (TooManyConnections, BrokerUnavailable) as exc:
+        slot.release()
+        status = 429 if isinstance(exc, TooManyConnections) else 503
+        await respond(stream, status, {"error": str(exc)})
         return
     try:
         with trio.move_on_after(settings.http_write_timeout) as deadline:
@@ -286,7 +319,7 @@ async def serve_agui(
             await abort_stream(stream)
             return
         transport = SseTransport(
-            stream, deque(frames), settings.http_write_timeout, resume is not None,
+            stream, deque(frames), settings.http_write_timeout, resumed,
             settings.core.max_message_bytes,
         )
         connection = await session.add_connection(
@@ -295,6 +328,10 @@ async def serve_agui(
         )
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return  # the client left before its stream began
+    except (SessionClosed, BrokerUnavailable) as exc:
+        # The head is out: end the stream with the reason as its only event.
+        await transport_error(stream, settings.http_write_timeout, str(exc))
+        return
     finally:
         slot.release()
     await session.hold_connection(connection)
