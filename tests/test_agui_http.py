@@ -269,3 +269,10 @@ async def test_streams_count_against_the_per_user_connection_limit() -> None:
             rest = await held.events()
             await held.stream.aclose()
     assert rest[-1][1]["type"] == "RUN_FINISHED"
+
+
+def test_last_event_id_parsing() -> None:
+    assert parse_last_event_id("12:ab34") == (12, "ab34")
+    assert parse_last_event_id(" 0:e ") == (0, "e")
+    for bad in (None, "", "12", "x:e", "-1:e", "12:", "9" * 19 + ":e"):
+        assert parse_last_event_id(bad) is None
