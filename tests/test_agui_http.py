@@ -276,3 +276,24 @@ def test_last_event_id_parsing() -> None:
     assert parse_last_event_id(" 0:e ") == (0, "e")
     for bad in (None, "", "12", "x:e", "-1:e", "12:", "9" * 19 + ":e"):
         assert parse_last_event_id(bad) is None
+
+
+async def test_a_resume_after_the_run_ended_does_not_follow_the_next_run() -> None:
+    async with serving(SETTINGS) as served:
+        port = served.running.port
+        with trio.fail_after(20):
+            done = await SseStream.post(port, "/agui", run_input("t-e"), bearer("fay"))
+            events = await done.events()
+            await done.stream.aclose()
+            finished_id = events[-1][0]
+            resumed = await SseStream.post(
+                port, "/agui", run_input("t-e"), bearer("fay"), f"Last-Event-ID: {finished_id}"
+            )
+            # Nothing after the id; then the thread's next run starts (another POST).
+            again = await SseStream.post(port, "/agui", run_input("t-e"), bearer("fay"))
+            (only,) = await resumed.events()
+            await resumed.stream.aclose()
+            assert (await again.events())[-1][1]["type"] == "RUN_FINISHED"
+            await again.stream.aclose()
+    assert only[1]["type"] == "RUN_ERROR"
+    assert only[1]["code"] == "run_ended"

@@ -121,10 +121,16 @@ class SseTransport:
                 })]
             return []  # acks, pongs, heartbeats: an AG-UI stream starts with RUN_STARTED
         run_id = frame.get("run_id")
-        if self.run_id is None and isinstance(run_id, str) and (
-            self.resumed or frame["type"] == "agent_started"
-        ):
-            self.run_id = run_id
+        if self.run_id is None and isinstance(run_id, str):
+            if self.resumed and frame["type"] == "agent_started":
+                # The run being resumed had ended: this is the thread's next one.
+                self.finished = True
+                return [_sse(None, {
+                    "type": "RUN_ERROR", "code": "run_ended",
+                    "message": "the run after Last-Event-ID has already ended",
+                })]
+            if self.resumed or frame["type"] == "agent_started":
+                self.run_id = run_id
         if run_id is None or run_id != self.run_id:
             return []
         out = []
