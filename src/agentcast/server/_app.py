@@ -31,6 +31,7 @@ from .._manager import ConnectionManager
 from .._protocol import BATCH_SUBPROTOCOL, PLAIN_SUBPROTOCOL, CloseCode
 from .._redact import MASK, redact_text
 from .._session import ConnectionSlot
+from ..protocols import SUBPROTOCOLS, wrap_transport
 from ._admin import admin_refusal
 from ._auth import AuthError, Claims
 from ._client_js import CACHE_CONTROL, client_script, not_modified
@@ -41,6 +42,7 @@ from ._inbound import InboundGuard
 from ._keepalive import Keepalive
 from ._metrics import CONTENT_TYPE, Metrics
 from ._settings import ServerSettings
+from ._sse import AGUI_CANCEL_PATH, AGUI_PATH, serve_agui
 from ._tokens import MemoryRevocations, Revocations, TokenVerifier
 
 __all__ = ["Server"]
@@ -178,6 +180,14 @@ class Server:
     async def _http(self, stream: trio.abc.Stream, head: RequestHead) -> None:
         if head.path == "/admin/revoke":
             await self._admin_revoke(stream, head)
+            return
+        if head.path in (AGUI_PATH, AGUI_CANCEL_PATH):
+            # AG-UI's HttpAgent: POST a RunAgentInput, read the run as SSE (issue 15).
+            await serve_agui(
+                stream, head, settings=self.settings, manager=self.manager,
+                tokens=self.tokens, respond=self._respond, origin_allowed=self._origin_allowed,
+                draining=self.draining,
+            )
             return
         if head.method not in ("GET", "HEAD"):
             await self._respond(
@@ -401,7 +411,8 @@ class Server:
         # token in the response). A browser that offers only bearer.<token> then fails the
         # handshake, so it must offer agentcast.v1 or agentcast.ndjson too.
         subprotocol = next(
-            (ours for ours in (BATCH_SUBPROTOCOL, PLAIN_SUBPROTOCOL) if ours in offered), None
+            (ours for ours in (BATCH_SUBPROTOCOL, PLAIN_SUBPROTOCOL, *SUBPROTOCOLS)
+             if ours in offered), None
         )
         return claims, subprotocol, slot
 
@@ -425,9 +436,13 @@ class Server:
                     nursery.cancel_scope.cancel()
                     return
                 # A token naming threads subscribes to them and confines the client to them.
+                # agentcast.agui / agentcast.vercel-ai: translated at the edge (batched
+                # inside, the translator frames what the client receives).
                 connection = await session.add_connection(
-                    ws, threads=claims.threads, allowed_threads=claims.threads or None,
-                    slot=slot, credentials=self.tokens.grant(claims),
+                    wrap_transport(ws, subprotocol), threads=claims.threads,
+                    allowed_threads=claims.threads or None, slot=slot,
+                    credentials=self.tokens.grant(claims),
+                    batch=True if subprotocol in SUBPROTOCOLS else None,
                 )
             finally:
                 slot.release()
