@@ -41,7 +41,7 @@ async def subscribe(client: Client, thread_id: str = "t1", **fields: Any) -> dic
     await client.send({"type": "subscribe", "thread_id": thread_id, **fields})
     ack = await client.receive()
     assert ack["type"] == "subscribed"
-    assert set(ack) == {"type", "thread_id", "seq", "epoch", "recovered"}
+    assert set(ack) == {"type", "thread_id", "seq", "epoch", "recovered", "active_runs"}
     assert ack["thread_id"] == thread_id
     return ack
 
@@ -87,18 +87,16 @@ async def test_seq_starts_at_one_and_grows_by_one_per_user_and_thread(
 # ---- subscribe with since_seq -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("with_epoch", [True, False])
 async def test_since_seq_replays_exactly_the_missed_events_then_live(
-    manager: ConnectionManager, with_epoch: bool
+    manager: ConnectionManager,
 ) -> None:
     session = manager.get_websocket_manager(ALICE)
     await publish(session, "t1", 10)
     client, _ = await connect(session)
-    extra = {"epoch": await epoch_of(session)} if with_epoch else {}
-    ack = await subscribe(client, since_seq=4, **extra)
+    ack = await subscribe(client, since_seq=4, epoch=await epoch_of(session))
     assert ack == {
         "type": "subscribed", "thread_id": "t1", "seq": 10,
-        "epoch": await epoch_of(session), "recovered": True,
+        "epoch": await epoch_of(session), "recovered": True, "active_runs": [],
     }
     assert await seqs_of(client, 6) == [5, 6, 7, 8, 9, 10]
     await publish(session, "t1", 3)
@@ -148,7 +146,8 @@ async def test_since_seq_older_than_the_retained_history_replays_nothing() -> No
         session = manager.get_websocket_manager(ALICE)
         await publish(session, "t1", 10)  # 6..10 retained
         client, _ = await connect(session)
-        ack = await subscribe(client, since_seq=4)
+        epoch = await epoch_of(session)
+        ack = await subscribe(client, since_seq=4, epoch=epoch)
         # A partial replay would look complete to the client: nothing is replayed at all.
         assert (ack["seq"], ack["recovered"]) == (10, False)
         await assert_nothing_pending(client)
@@ -158,10 +157,10 @@ async def test_since_seq_older_than_the_retained_history_replays_nothing() -> No
         # The boundary, now that 7..11 are retained: since_seq=5 would need 6, which fell out
         # when 11 was published; since_seq=6 needs exactly what is retained.
         other, _ = await connect(session)
-        ack = await subscribe(other, since_seq=5)
+        ack = await subscribe(other, since_seq=5, epoch=epoch)
         assert (ack["seq"], ack["recovered"]) == (11, False)
         await assert_nothing_pending(other)
-        ack = await subscribe(other, since_seq=6)
+        ack = await subscribe(other, since_seq=6, epoch=epoch)
         assert (ack["seq"], ack["recovered"]) == (11, True)
         assert await seqs_of(other, 5) == [7, 8, 9, 10, 11]
         await assert_nothing_pending(other)
@@ -247,7 +246,8 @@ async def test_events_published_during_the_replay_follow_it_without_gap_or_dupli
                 await session.send_to_thread("t1", thinking("live"))
                 await trio.lowlevel.checkpoint()
 
-        await client.send({"type": "subscribe", "thread_id": "t1", "since_seq": 20})
+        await client.send({"type": "subscribe", "thread_id": "t1", "since_seq": 20,
+                           "epoch": await epoch_of(session)})
         nursery.start_soon(producer)
         ack = await client.receive()
         assert ack["type"] == "subscribed"
@@ -265,10 +265,14 @@ class GatedBroker(InMemoryBroker):
     gate_before: bool = True
     entered: trio.Event = attrs.Factory(trio.Event)
     release: trio.Event = attrs.Factory(trio.Event)
+    #: Recoveries pass straight through until the test arms the gate.
+    armed: bool = False
 
     async def recover(
         self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None
     ) -> Recovery:
+        if not self.armed:
+            return await super().recover(user_id, thread_id, since_seq, epoch)
         if self.gate_before:
             self.entered.set()
             await self.release.wait()
@@ -289,7 +293,11 @@ async def test_events_published_while_the_replay_is_fetched_are_held_then_releas
         session = manager.get_websocket_manager(ALICE)
         await publish(session, "t1", 5)
         client, connection = await connect(session)
-        await client.send({"type": "subscribe", "thread_id": "t1", "since_seq": since_seq})
+        epoch = await epoch_of(session)
+        broker.armed = True
+        await client.send(
+            {"type": "subscribe", "thread_id": "t1", "since_seq": since_seq, "epoch": epoch}
+        )
         await broker.entered.wait()
         await publish(session, "t1", 4)  # 6..9, while recover() is in flight
         broker.release.set()
@@ -310,7 +318,7 @@ async def test_events_published_while_the_replay_is_fetched_are_held_then_releas
 
 
 async def test_frames_sent_while_the_replay_is_fetched_are_handled_after_it() -> None:
-    broker = GatedBroker(Config())
+    broker = GatedBroker(Config(), armed=True)
     async with agentcast.open_manager(broker=broker) as manager:
         session = manager.get_websocket_manager(ALICE)
         await publish(session, "t1", 5)

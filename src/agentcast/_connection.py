@@ -622,7 +622,8 @@ class Connection:
             # every held event is live, and the ack names the seq just before the first one.
             position = held[0][0] - 1 if held else recovery.latest_seq
         ack = subscribed_frame(
-            thread_id, seq=position, epoch=recovery.epoch, recovered=recovery.recovered
+            thread_id, seq=position, epoch=recovery.epoch, recovered=recovery.recovered,
+            active_runs=recovery.active_runs,
         )
         last = position
         live = []
