@@ -3,9 +3,12 @@ exactly what was missed, then going live with no duplicate and no gap."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
+import coredis
 import pytest
 import trio
 import trio.testing
@@ -18,9 +21,13 @@ from agentcast import (
     ConnectionManager,
     InMemoryBroker,
     Recovery,
+    RedisBroker,
+    RedisPublisher,
+    RunTooLarge,
     UserContext,
     UserSession,
 )
+from agentcast._run_history import apply_replay
 
 from .helpers import Client, connect, settle, thinking
 
@@ -425,3 +432,182 @@ def test_a_replay_is_complete_or_not_attempted(
         play_resume, history_size, published, since_seq, same_epoch,
         clock=trio.testing.MockClock(autojump_threshold=0),
     )
+
+
+# ---- one suite, both brokers: missing epochs, active runs, reload mid-run ----------------------
+#
+# Parametrized over the in-memory broker and a real redis-server (real sockets, so every wait
+# is bounded by fail_after and none is a sleep).
+
+#: Seconds any single step of the two-broker tests may take.
+STEP = 10.0
+
+
+@asynccontextmanager
+async def broker_manager(
+    kind: str, request: pytest.FixtureRequest, **fields: Any
+) -> AsyncIterator[ConnectionManager]:
+    """A manager on the in-memory broker, or on a RedisBroker over the test's redis-server."""
+    config = Config(**{"session_linger": 0.5, **fields})
+    if kind == "memory":
+        async with agentcast.open_manager(config) as running:
+            yield running
+    else:
+        url = request.getfixturevalue("redis_server").url
+        async with agentcast.open_manager(config, broker=RedisBroker(url, config)) as running:
+            yield running
+
+
+def redis_url(request: pytest.FixtureRequest) -> str:
+    return str(request.getfixturevalue("redis_server").url)
+
+
+async def flushall(url: str) -> None:
+    async with coredis.Redis.from_url(url, decode_responses=True) as admin:
+        await admin.flushall()
+
+
+async def ack_and_replay(
+    client: Client, thread_id: str = "t1", **fields: Any
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Subscribe; return the ack and every frame up to the last seq the ack names."""
+    with trio.fail_after(STEP):
+        ack = await subscribe(client, thread_id, **fields)
+        frames: list[dict[str, Any]] = []
+        if ack["recovered"]:
+            while not frames or frames[-1]["seq"] < ack["seq"]:
+                frames.append(await client.receive())
+    return ack, frames
+
+
+BROKERS = pytest.mark.parametrize("kind", ["memory", "redis"])
+
+
+@BROKERS
+async def test_since_seq_without_epoch_is_never_recovered_after_a_restart(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    async with broker_manager(kind, request) as first:
+        await publish(first.get_websocket_manager(ALICE), "t1", 5)
+        old = await epoch_of(first.get_websocket_manager(ALICE))
+    if kind == "redis":
+        await flushall(redis_url(request))
+    # The restarted server (a new manager; on Redis, after FLUSHALL) has a new t1 stream.
+    async with broker_manager(kind, request) as second:
+        session = second.get_websocket_manager(ALICE)
+        await publish(session, "t1", 6)
+        client, _ = await connect(session)
+        ack, frames = await ack_and_replay(client, since_seq=3)
+        assert (ack["recovered"], frames) == (False, [])
+        assert ack["epoch"] != old
+        await assert_nothing_pending(client)
+        ack, frames = await ack_and_replay(client, "t1", since_seq=3, epoch=old)
+        assert (ack["recovered"], frames) == (False, [])
+        await assert_nothing_pending(client)
+        other, _ = await connect(session)
+        ack, frames = await ack_and_replay(other, since_seq=0)  # the whole stream: no epoch
+        assert ack["recovered"] is True
+        assert [f["seq"] for f in frames] == [1, 2, 3, 4, 5, 6]
+        await assert_nothing_pending(other)
+
+
+async def stream_answer(
+    run: Any, deltas: list[str], started: trio.Event, proceed: trio.Event
+) -> None:
+    """An agent body: a thinking step, half the deltas, a tool call, then (after ``proceed``)
+    the rest."""
+    await run.thinking("planning", step=1)
+    half = len(deltas) // 2
+    for piece in deltas[:half]:
+        await run.text(piece)
+    await run.tool_executing("search", {"q": "x"})
+    await run.tool_completed("search", {"hits": 1})
+    started.set()
+    with trio.fail_after(STEP):
+        await proceed.wait()
+    for piece in deltas[half:]:
+        await run.text(piece)
+    run.result = "done"
+
+
+@pytest.mark.parametrize(
+    ("kind", "producer"),
+    [("memory", "session"), ("redis", "session"), ("redis", "publisher")],
+)
+async def test_a_reload_mid_run_rebuilds_the_whole_answer(
+    kind: str, producer: str, request: pytest.FixtureRequest
+) -> None:
+    # history_size is far below the run's 400 events: the run is kept whole anyway.
+    deltas = [f"w{n} " for n in range(400)]
+    async with broker_manager(kind, request, history_size=5) as manager:
+        session = manager.get_websocket_manager(ALICE)
+        await publish(session, "t1", 3)  # before the run
+        started, proceed = trio.Event(), trio.Event()
+        async with trio.open_nursery() as nursery:
+
+            async def agent() -> None:
+                if producer == "session":
+                    async with session.run("t1", run_id="r1") as run:
+                        await stream_answer(run, deltas, started, proceed)
+                else:
+                    async with RedisPublisher(redis_url(request)) as pub, pub.run(
+                        "alice", "t1", run_id="r1"
+                    ) as run:
+                        await stream_answer(run, deltas, started, proceed)
+
+            nursery.start_soon(agent)
+            with trio.fail_after(STEP):
+                await started.wait()
+            # The reloaded page knows nothing: a plain subscribe names the run in progress.
+            page, _ = await connect(session, capacity=1024)
+            ack, _ = await ack_and_replay(page)
+            assert ack["recovered"] is False
+            assert ack["active_runs"] == [{"run_id": "r1", "first_seq": 4}]
+            await page.send({"type": "unsubscribe", "thread_id": "t1"})
+            assert (await page.receive())["type"] == "unsubscribed"
+            # One resume from first_seq - 1 with the epoch brings the whole run so far.
+            ack, replay = await ack_and_replay(page, since_seq=3, epoch=ack["epoch"])
+            assert ack["recovered"] is True
+            assert ack["active_runs"] == [{"run_id": "r1", "first_seq": 4}]
+            assert [f["type"] for f in replay] == [
+                "agent_started", "agent_thinking", "agent_text", "tool_executing",
+                "tool_completed",
+            ]
+            assert replay[2]["data"]["from_seq"] == 6  # compacted: 200 deltas in one frame
+            proceed.set()
+            with trio.fail_after(STEP):
+                live = await page.receive_until("agent_completed")
+        texts, last = apply_replay([*replay, *live], last_seq=3)
+        assert texts == {"r1": "".join(deltas)}
+        assert last == ack["seq"] + len(live)
+        # The run has ended: no longer active, and still resumable whole.
+        other, _ = await connect(session, capacity=1024)
+        ack, again = await ack_and_replay(other, since_seq=3, epoch=ack["epoch"])
+        assert ack["active_runs"] == []
+        assert apply_replay(again, last_seq=3)[0] == {"r1": "".join(deltas)}
+
+
+@BROKERS
+async def test_a_run_past_max_run_bytes_ends_with_agent_error_run_too_large(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    async with broker_manager(kind, request, max_run_bytes=4000) as manager:
+        session = manager.get_websocket_manager(ALICE)
+        client, _ = await connect(session, ("t1",), capacity=256)
+        assert (await client.receive())["type"] == "subscribed"
+        published = 0
+        with pytest.raises(RunTooLarge, match="max_run_bytes"):  # noqa: PT012 - the loop ends by it
+            async with session.run("t1", run_id="big") as run:
+                while True:
+                    await run.thinking("x" * 200)
+                    published += 1
+        assert 5 < published < 20
+        with trio.fail_after(STEP):
+            frames = await client.receive_until("agent_error")
+        assert frames[-1]["data"]["error_type"] == "RunTooLarge"
+        assert len(frames) == published + 2  # agent_started, the admitted steps, agent_error
+        # Everything it did publish is still resumable whole.
+        page, _ = await connect(session, capacity=256)
+        ack, replay = await ack_and_replay(page, since_seq=0)
+        assert (ack["recovered"], ack["active_runs"]) == (True, [])
+        assert [f["type"] for f in replay] == [f["type"] for f in frames]
