@@ -266,3 +266,21 @@ def test_active_runs_always_recover_whole_within_the_caps(
             assert frames[0]["seq"] == active.first_seq
             assert frames[0]["type"] == "agent_started"
         assert {a.run_id for a in h.active_runs(now)} <= set(firsts)
+
+
+def test_the_replay_compaction_of_stored_frames_keeps_quotes_and_refuses_other_keys() -> None:
+    tricky = 'say "hi" \\ and \\"more\\" ","k":"v'
+    frames = [
+        encode_envelope(delta("r1", tricky), thread_id="t1", seq=1, ts=TS),
+        encode_envelope(delta("r1", "é✓"), thread_id="t1", seq=2, ts=TS),
+        encode_envelope(AgentEvent(EventType.AGENT_TEXT, {"text": "a", "k": "b"}, "r1"),
+                        thread_id="t1", seq=3, ts=TS),
+        encode_envelope(AgentEvent(EventType.AGENT_TEXT, {"k": "b", "text": "a"}, "r1"),
+                        thread_id="t1", seq=4, ts=TS),
+        encode_envelope(AgentEvent(EventType.AGENT_TEXT, {"text": "a"}), thread_id="t1",
+                        seq=5, ts=TS),
+    ]
+    out = parsed(compact_frames(frames))
+    assert out[0]["data"] == {"text": tricky + "é✓", "from_seq": 1}
+    assert out[0]["seq"] == 2
+    assert out[1:] == parsed(frames[2:])

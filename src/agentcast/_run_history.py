@@ -15,7 +15,7 @@ with :func:`compact_frames`. Invariants:
   terminal event is never refused.
 - A compacted span replays as one ``agent_text`` whose ``seq`` is its last delta's and whose
   ``data`` is ``{"text": <the deltas joined>, "from_seq": <first delta's seq it covers>}``;
-  a span of one delta replays as its own frame, unchanged.
+  a replay covering one delta of a span gives that delta's own frame, unchanged.
 """
 
 from __future__ import annotations
@@ -226,6 +226,10 @@ class TextSpan:
         skip = seq - self.first_seq
         offset = sum(self.lengths[:skip])
         text = self.text[offset:].decode()
+        if seq == self.last_seq:
+            # One delta: its own frame, exactly as it was sent live.
+            data = orjson.dumps({"text": text}).decode()
+            return f'{self.prefix}{seq},"ts":{self.last_ts!r},"data":{data}}}'
         return compacted_frame(self.prefix, self.last_seq, self.last_ts, text, seq)
 
 
@@ -236,36 +240,52 @@ def compacted_frame(prefix: str, seq: int, ts: float, text: str, from_seq: int) 
 
 
 _TEXT_HEAD: Final = '{"type":"agent_text",'
+_DATA_HEAD: Final = ',"data":{"text":"'
 
 
-def _delta_of(frame: str) -> tuple[str, int, float, str, str] | None:
-    """(run id, seq, ts, text, prefix) of a compactable delta frame, else None."""
-    if not frame.startswith(_TEXT_HEAD):
+def _delta_of(frame: str) -> tuple[str, int, str, str] | None:
+    """(head, seq, ts, JSON-escaped text) of a compactable delta frame, else None.
+
+    Pure string work on the envelope ``encode_envelope`` writes (no JSON parse: a Redis replay
+    of thousands of deltas must stay cheap): ``head`` is everything before ``,"seq":`` (type,
+    thread and run id, equal for deltas of one run). The data must be exactly one string
+    ``text``: no unescaped quote may hide a second key inside it.
+    """
+    if not frame.startswith(_TEXT_HEAD) or not frame.endswith('"}}'):
         return None
-    parsed = orjson.loads(frame)
-    data, run_id = parsed.get("data"), parsed.get("run_id")
-    if not isinstance(data, dict) or len(data) != 1 or not isinstance(run_id, str):
+    seq_at = frame.find(',"seq":')
+    ts_at = frame.find(',"ts":', seq_at)
+    data_at = frame.find(_DATA_HEAD, ts_at)
+    if seq_at < 0 or ts_at < 0 or data_at < 0 or '"run_id":"' not in frame[:seq_at]:
         return None
-    text = data.get("text")
-    if not isinstance(text, str):
+    escaped = frame[data_at + len(_DATA_HEAD) : -3]
+    if '"' in escaped.replace("\\\\", "").replace('\\"', ""):
         return None
-    head, marker, _ = frame.partition('"seq":')
-    return run_id, int(parsed["seq"]), float(parsed["ts"]), text, head + marker
+    seq = frame[seq_at + 7 : ts_at]
+    if not seq.isdigit():
+        return None
+    return frame[:seq_at], int(seq), frame[ts_at + 6 : data_at], escaped
 
 
 def compact_frames(frames: Iterable[str]) -> list[str]:
     """Replace each run of two or more consecutive compactable deltas of one run (in ``frames``,
-    consecutive seqs in order) by its compacted frame; every other frame is kept as it is."""
+    consecutive seqs in order) by its compacted frame; every other frame is kept as it is.
+
+    Joining JSON-escaped strings escapes the joined string, so texts are never decoded.
+    """
     out: list[str] = []
-    group: list[tuple[str, tuple[str, int, float, str, str]]] = []
+    group: list[tuple[str, tuple[str, int, str, str]]] = []
 
     def flush() -> None:
         if len(group) == 1:
             out.append(group[0][0])
         elif group:
-            first, last = group[0][1], group[-1][1]
+            head, first = group[0][1][0], group[0][1][1]
+            _, last, ts, _ = group[-1][1]
             text = "".join(item[1][3] for item in group)
-            out.append(compacted_frame(last[4], last[1], last[2], text, first[1]))
+            out.append(
+                f'{head},"seq":{last},"ts":{ts},"data":{{"text":"{text}","from_seq":{first}}}}}'
+            )
         group.clear()
 
     for frame in frames:
