@@ -18,6 +18,7 @@ The run stops by itself; Redis, when used, is on a free port and terminated at t
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import shutil
 import socket
@@ -50,31 +51,32 @@ async def reload_once(manager: ConnectionManager, expected: str) -> dict[str, fl
     began = time.perf_counter()
     await session.add_connection(server, batch=True)
     sent = {"bytes": 0, "frames": 0}
+    pending: collections.deque[dict[str, Any]] = collections.deque()
 
-    async def frames() -> AsyncIterator[dict[str, Any]]:
-        while True:
+    async def receive() -> dict[str, Any]:
+        while not pending:
             message = await client.get_message()
             assert isinstance(message, str)
             sent["bytes"] += len(message.encode())
             for line in message.split("\n"):
                 sent["frames"] += 1
-                yield json.loads(line)
+                pending.append(json.loads(line))
+        return pending.popleft()
 
-    stream = frames()
     await client.send_message(json.dumps({"type": "subscribe", "thread_id": "t"}))
-    ack = await anext(stream)
+    ack = await receive()
     [run] = ack["active_runs"]
     await client.send_message(json.dumps({"type": "unsubscribe", "thread_id": "t"}))
-    assert (await anext(stream))["type"] == "unsubscribed"
+    assert (await receive())["type"] == "unsubscribed"
     await client.send_message(json.dumps({
         "type": "subscribe", "thread_id": "t", "since_seq": run["first_seq"] - 1,
         "epoch": ack["epoch"],
     }))
-    ack = await anext(stream)
+    ack = await receive()
     assert ack["recovered"], ack
     replay = []
     while not replay or replay[-1]["seq"] < ack["seq"]:
-        replay.append(await anext(stream))
+        replay.append(await receive())
     texts, _ = apply_replay(replay, last_seq=run["first_seq"] - 1)
     rebuilt = time.perf_counter() - began
     assert texts[run["run_id"]] == expected

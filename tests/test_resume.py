@@ -12,6 +12,7 @@ import coredis
 import pytest
 import trio
 import trio.testing
+from benchmarks.reload import measure
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -611,3 +612,15 @@ async def test_a_run_past_max_run_bytes_ends_with_agent_error_run_too_large(
         ack, replay = await ack_and_replay(page, since_seq=0)
         assert (ack["recovered"], ack["active_runs"]) == (True, [])
         assert [f["type"] for f in replay] == [f["type"] for f in frames]
+
+
+@pytest.mark.parametrize("compact", [True, False])
+async def test_the_reload_benchmark_rebuilds_the_answer(compact: bool) -> None:
+    # The reload scenario of benchmarks/, at a tiny size: its pages rebuild the exact text.
+    config = Config(compact_text=compact, send_queue_size=10_000, session_linger=0.1)
+    row = await measure(config, deltas=400, delta="abcd", clients=3, redis_url=None)
+    # Each reload: ack, unsubscribed, ack, agent_started, then the 200 deltas so far.
+    assert row["frames_per_reload"] == (5 if compact else 204)
+    assert row["text_bytes"] == 800
+    if compact:
+        assert row["retained_bytes_accounted"] <= 2 * 800 + 1000
