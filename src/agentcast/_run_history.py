@@ -20,6 +20,7 @@ with :func:`compact_frames`. Invariants:
 
 from __future__ import annotations
 
+import math
 from array import array
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
@@ -105,6 +106,11 @@ class RunTracker:
     max_run_bytes: int
     ttl: float
     _runs: dict[str, _RunRecord] = attrs.field(factory=dict)
+    #: ``floor()`` is asked on every publish: its answer is cached until a run starts or
+    #: ends, or the earliest time a run could expire (a lower bound: a later event only
+    #: postpones it) passes.
+    _floor: int | None = None
+    _valid_until: float = -math.inf
 
     def admit(self, event: AgentEvent, cost: int) -> None:
         """Check that ``event`` (costing ``cost`` bytes) may be published for its run.
@@ -132,16 +138,19 @@ class RunTracker:
             if record is None and len(self._runs) >= MAX_TRACKED_RUNS:
                 self._forget_one()
             record = self._runs[run_id] = _RunRecord(seq, now)
+            self._valid_until = -math.inf
         elif record is None:
             return  # a run whose agent_started this stream never saw is not tracked
         record.cost += cost
         record.last_event = now
         if event.type in TERMINAL_TYPES and record.ended_at is None:
             record.ended_at = now
+            self._valid_until = -math.inf
 
     def _forget_one(self) -> None:
         ended = [key for key, r in self._runs.items() if r.ended_at is not None]
         del self._runs[(ended or list(self._runs))[0]]
+        self._valid_until = -math.inf
 
     def expire(self, now: float) -> None:
         """Forget runs ended (or silent) for longer than ``ttl``."""
@@ -149,11 +158,20 @@ class RunTracker:
         for run_id, record in list(self._runs.items()):
             if (record.ended_at if record.ended_at is not None else record.last_event) < horizon:
                 del self._runs[run_id]
+                self._valid_until = -math.inf
 
     def floor(self, now: float) -> int | None:
         """The smallest first seq of a kept run (events from it on must stay), or None."""
+        if now < self._valid_until:
+            return self._floor
         self.expire(now)
-        return min((r.first_seq for r in self._runs.values()), default=None)
+        runs = self._runs.values()
+        self._floor = min((r.first_seq for r in runs), default=None)
+        self._valid_until = min(
+            ((r.ended_at if r.ended_at is not None else r.last_event) + self.ttl for r in runs),
+            default=math.inf,
+        )
+        return self._floor
 
     def active(self, now: float) -> list[ActiveRun]:
         """The runs that have not ended, oldest first."""
@@ -168,6 +186,7 @@ class RunTracker:
     def clear(self) -> None:
         """Forget every run (the stream restarted)."""
         self._runs.clear()
+        self._valid_until = -math.inf
 
     def __len__(self) -> int:
         return len(self._runs)
