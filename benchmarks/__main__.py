@@ -23,15 +23,18 @@ import psutil
 from rich.console import Console
 
 from benchmarks import report
+from benchmarks.floods import floods
 from benchmarks.peers import PEERS
 from benchmarks.procs import running_peer
 from benchmarks.scaleout import scale_out
 from benchmarks.scenarios import FULL, QUICK, SCENARIOS
 
 #: Order scenarios run in against one server process: idle first, so its RSS is a clean base.
-ORDER = ["idle", "connect", "isolation", "burst", "steady", "slow-consumer", "scale-out"]
-#: Scenarios about agentcast alone (its own deployment options), skipped for the other peers.
-AGENTCAST_ONLY = {"scale-out": scale_out}
+ORDER = ["idle", "connect", "isolation", "burst", "steady", "slow-consumer", "floods",
+         "scale-out"]
+#: Scenarios about agentcast alone (its own deployment options or limits), skipped for the
+#: other peers.
+AGENTCAST_ONLY = {"scale-out": scale_out, "floods": floods}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -53,7 +53,7 @@ class Client:
 
     def _uri(self) -> str:
         port = self.spec["port"]
-        if self.peer == "agentcast":
+        if self.peer.startswith("agentcast"):  # agentcast, agentcast-asgi
             return f"ws://127.0.0.1:{port}/ws"
         if self.peer == "socketio":
             return f"ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket"
@@ -61,7 +61,7 @@ class Client:
 
     async def open(self) -> None:
         kwargs: dict[str, Any] = {"compression": None, "ping_interval": None, "open_timeout": 60}
-        if self.peer == "agentcast":
+        if self.peer.startswith("agentcast"):  # agentcast, agentcast-asgi
             token = self.spec["tokens"][self.user]
             kwargs["subprotocols"] = ["agentcast.ndjson", f"bearer.{token}"]
         if self.slow:
@@ -87,7 +87,7 @@ class Client:
     def frames(self, message: str | bytes) -> list[Any]:
         """The JSON frames in one WebSocket message (NDJSON batch, Socket.IO packet or plain)."""
         text = message.decode() if isinstance(message, bytes) else message
-        if self.peer == "agentcast":
+        if self.peer.startswith("agentcast"):  # agentcast, agentcast-asgi
             return [orjson.loads(line) for line in text.split("\n")]
         if self.peer == "socketio":
             if text.startswith("42"):

@@ -21,6 +21,10 @@ COLUMNS: dict[str, list[str]] = {
                       "others_losses", "slow_closed", "slow_close_code", "slow_closed_after_s",
                       "peak_rss_mb", "peak_rss_growth_mb"],
     "isolation": ["users", "delivered", "cross_user", "losses", "duplicates", "order_violations"],
+    "floods": ["flood", "flooders", "offered_per_s", "p99_undisturbed", "p99_flooded",
+               "p99_ratio", "server_cpu_share_undisturbed", "server_cpu_share",
+               "flooder_cpu_share", "flood_connections_opened",
+               "flood_refused", "flood_close_codes", "losses"],
     "scale-out": ["setup", "connections", "connections_per_worker", "events_per_s",
                   "server_cpu_us_per_event", "paced_per_s", "p50", "p99", "added_p50",
                   "added_p99", "closed_by_server", "losses", "duplicates", "order_violations",
@@ -118,6 +122,14 @@ def verdicts(results: dict[str, Any]) -> list[str]:
             f"{scale[-1].get('connections_per_worker')}; lost/duplicated/reordered/misrouted "
             f"{faults}"
         )
+    for row in rows_of(ours.get("floods")):
+        ratio = row["p99_ratio"]
+        ok = ratio is not None and ratio <= 1.2 and row["losses"] == 0
+        lines.append(
+            f"floods ({row['flood']}): {'MET' if ok else 'MISSED'} — others' p99 "
+            f"{row['p99_flooded']} ms vs {row['p99_undisturbed']} ms undisturbed ({ratio}x, "
+            f"target ≤ 1.2x); flooders closed with {row['flood_close_codes'] or 'nothing'}"
+        )
     iso = ours.get("isolation")
     if iso:
         lines.append(f"isolation: {'MET' if iso['cross_user'] == 0 else 'MISSED'} — "
@@ -135,7 +147,7 @@ def integrity_failures(results: dict[str, Any]) -> list[str]:
     keys = ("losses", "duplicates", "order_violations", "cross_user")
     for peer, scenarios in results["peers"].items():
         checked = rows_of(scenarios.get("burst")) + rows_of(scenarios.get("isolation"))
-        checked += rows_of(scenarios.get("scale-out"))
+        checked += rows_of(scenarios.get("scale-out")) + rows_of(scenarios.get("floods"))
         checked += [r for r in rows_of(scenarios.get("steady")) if r.get("sustained")]
         for row in checked:
             found += [f"{peer}: {key}={row[key]}" for key in keys if row.get(key)]

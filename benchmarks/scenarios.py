@@ -86,8 +86,8 @@ async def run_load(
     groups = [group for group in groups if group]
     specs = [
         {"peer": peer.name, "port": peer.port, "users": group,
-         "tokens": {u: issue_token(BENCH_SECRET, u) for u in group} if peer.name == "agentcast"
-         else {},
+         "tokens": {u: issue_token(BENCH_SECRET, u) for u in group}
+         if peer.name.startswith("agentcast") else {},
          "tabs": tabs, "thread": thread, "drive": drive, "concurrency": concurrency,
          "slow_user": slow_user if index == 0 else None, "deadline": deadline, "quiet": quiet,
          "lifetime": int(deadline + 300)}

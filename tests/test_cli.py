@@ -90,6 +90,21 @@ def test_a_port_in_use_is_one_line_and_exit_status_2(busy_port: int) -> None:
     assert done.stdout == ""
 
 
+def test_a_port_in_use_with_workers_is_the_workers_line_and_exit_status_2(
+    busy_port: int,
+) -> None:
+    # No Redis listens on port 1: the workers start not-ready and then fail to listen.
+    done = run([*SERVE, "--port", str(busy_port), "--workers", "2",
+                "--redis-url", "redis://127.0.0.1:1/0"])
+    assert done.returncode == 2
+    assert done.stdout == ""
+    # Both workers write to the same stderr at once, so their lines may interleave.
+    reason = f"cannot listen on 127.0.0.1:{busy_port}: Address already in use"
+    assert reason in done.stderr
+    assert "failed to start" not in done.stderr  # the parent adds no line of its own
+    assert "Traceback" not in done.stderr
+
+
 async def test_the_listening_line_is_first_on_stdout_whatever_is_logged_before() -> None:
     # Nothing listens on port 1: the Redis broker logs its failed first connection before the
     # server reports started, so something is on stderr before the listening line.

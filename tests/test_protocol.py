@@ -53,6 +53,7 @@ def test_close_codes_are_the_documented_values() -> None:
     assert {code.name: int(code) for code in CloseCode} == {
         "NORMAL": 1000,
         "GOING_AWAY": 1001,
+        "PROTOCOL_ERROR": 1002,
         "UNSUPPORTED_DATA": 1003,
         "INVALID_PAYLOAD": 1007,
         "POLICY_VIOLATION": 1008,

@@ -41,11 +41,18 @@ class AnyRun(Protocol):
 
     async def text(self, delta: str) -> int: ...
 
-    async def tool_executing(self, tool_name: str, arguments: dict[str, Any]) -> int: ...
+    async def tool_executing(
+        self, tool_name: str, arguments: dict[str, Any], *, tool_call_id: str | None = None
+    ) -> str: ...
 
     async def tool_completed(
-        self, tool_name: str, result: Any, *, duration_ms: float | None = None, ok: bool = True
+        self, tool_name: str, result: Any, *, tool_call_id: str | None = None,
+        duration_ms: float | None = None, ok: bool = True,
     ) -> int: ...
+
+    def tool(
+        self, tool_name: str, arguments: dict[str, Any], *, tool_call_id: str | None = None
+    ) -> AbstractAsyncContextManager[Any]: ...
 
 
 class Shell(Protocol):
@@ -148,8 +155,62 @@ async def test_a_tool_call_is_timed_by_the_run(shell: Shell) -> None:
     completed = [f["data"] for f in frames if f["type"] == "tool_completed"]
     assert completed[0]["tool_name"] == "search"
     assert completed[0]["duration_ms"] > 0
+    assert completed[1]["tool_call_id"] != completed[0]["tool_call_id"]
+    del completed[1]["tool_call_id"]
     assert completed[1] == {"tool_name": "unstarted", "result": None, "duration_ms": 0.0,
                             "ok": False}
+
+
+async def test_parallel_calls_of_one_tool_are_paired_by_their_call_ids(shell: Shell) -> None:
+    async def lookup(run: AnyRun, query: str, delay: float) -> None:
+        async with run.tool("search", {"q": query}) as call:
+            await trio.sleep(delay)
+            call.result = {"query": query}
+
+    async with bounded():
+        async with shell.run("t1") as run, trio.open_nursery() as nursery:
+            nursery.start_soon(lookup, run, "slow", 0.05)
+            nursery.start_soon(lookup, run, "fast", 0.0)
+        frames = await shell.history("t1")
+    started = {f["data"]["tool_call_id"]: f["data"]["arguments"]["q"]
+               for f in frames if f["type"] == "tool_executing"}
+    completed = {f["data"]["tool_call_id"]: f["data"]["result"]["query"]
+                 for f in frames if f["type"] == "tool_completed"}
+    assert len(started) == 2
+    assert started == completed  # each result is paired with its own call
+    order = [f["data"]["result"]["query"] for f in frames if f["type"] == "tool_completed"]
+    assert order == ["fast", "slow"]
+
+
+async def test_a_tool_block_that_raises_reports_the_failure_and_propagates(
+    shell: Shell,
+) -> None:
+    async with bounded():
+        with pytest.raises(LookupError):
+            async with (
+                shell.run("t1") as run,
+                run.tool("fetch", {"url": "x"}, tool_call_id="c-1"),
+            ):
+                raise LookupError("not found")
+        frames = await shell.history("t1")
+    assert [f["type"] for f in frames] == [
+        "agent_started", "tool_executing", "tool_completed", "agent_error"
+    ]
+    assert frames[2]["data"] == {
+        "tool_name": "fetch", "result": {"error_type": "LookupError", "message": "not found"},
+        "duration_ms": frames[2]["data"]["duration_ms"], "ok": False, "tool_call_id": "c-1",
+    }
+
+
+async def test_a_call_id_open_twice_is_refused(shell: Shell) -> None:
+    async with bounded():
+        async with shell.run("t1") as run:
+            await run.tool_executing("a", {}, tool_call_id="c-1")
+            with pytest.raises(InvalidEvent, match="already executing"):
+                await run.tool_executing("b", {}, tool_call_id="c-1")
+            with pytest.raises(agentcast.InvalidIdentifier):
+                await run.tool_executing("b", {}, tool_call_id="bad id")
+        assert await types_of(shell) == ["agent_started", "tool_executing", "agent_completed"]
 
 
 async def test_a_run_that_raises_sends_agent_error_and_the_exception_propagates(
@@ -208,14 +269,18 @@ async def test_outer_cancellation_and_timeouts_send_agent_cancelled(
     shell: Shell, how: str
 ) -> None:
     async with bounded():
+        # Each deadline expires inside the body, once the run has started: a deadline that
+        # could expire before agent_started is published would test nothing of the run.
         if how == "move_on_after":
-            with trio.move_on_after(0.01):
+            with trio.move_on_after(STEP) as timeout:
                 async with shell.run("t1"):
+                    timeout.deadline = trio.current_time()
                     await trio.sleep_forever()
         elif how == "fail_after":
             with pytest.raises(trio.TooSlowError):  # noqa: PT012 - the run is the body
-                with trio.fail_after(0.01):
+                with trio.fail_after(STEP) as timeout:
                     async with shell.run("t1"):
+                        timeout.deadline = trio.current_time()
                         await trio.sleep_forever()
         else:
             with trio.CancelScope() as scope:

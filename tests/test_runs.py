@@ -77,7 +77,7 @@ async def test_a_run_streams_its_events_and_completes(
     async with session.run("t1", agent_name="researcher") as run:
         assert not run.ended
         await run.thinking("reading", step=1, progress=0.25)
-        await run.tool_executing("search", {"query": "trio"})
+        call_id = await run.tool_executing("search", {"query": "trio"})
         await trio.sleep(0.5)
         await run.tool_completed("search", {"hits": 3})
         await run.emit("citation_found", {"url": "https://example.invalid"})
@@ -97,7 +97,10 @@ async def test_a_run_streams_its_events_and_completes(
     started, thinking, executing, completed_tool, custom, *texts, done = frames
     assert started["data"] == {"agent_name": "researcher"}
     assert thinking["data"] == {"text": "reading", "step": 1, "progress": 0.25}
-    assert executing["data"] == {"tool_name": "search", "arguments": {"query": "trio"}}
+    assert executing["data"] == {
+        "tool_name": "search", "arguments": {"query": "trio"}, "tool_call_id": call_id
+    }
+    assert completed_tool["data"]["tool_call_id"] == call_id  # paired by the oldest open call
     assert completed_tool["data"]["result"] == {"hits": 3}
     assert completed_tool["data"]["ok"] is True
     assert completed_tool["data"]["duration_ms"] == pytest.approx(500, abs=1)

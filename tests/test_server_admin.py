@@ -18,8 +18,10 @@ from trio_websocket import open_websocket_url
 from agentcast import Config, UserContext, open_manager
 from agentcast._redact import redact_text, redact_url
 from agentcast.server import issue_token
-from agentcast.server._serve import RunningServer, serve
+from agentcast.server._serve import RunningServer
 from agentcast.server._settings import ServerSettings
+
+from .serverkit import serving
 
 SECRET = "a-test-secret-that-is-long-enough-for-hs256"
 ADMIN = "an-admin-token-that-is-at-least-32-bytes-long"
@@ -58,14 +60,8 @@ async def admin_server(request: pytest.FixtureRequest) -> AsyncIterator[Running]
     settings: ServerSettings = getattr(request, "param", None) or ServerSettings(
         port=0, secret=SECRET, admin_token=ADMIN, core=Config(shutdown_timeout=2.0)
     )
-    stop = trio.Event()
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            running = await nursery.start(
-                lambda task_status: serve(settings, stop=stop, task_status=task_status)
-            )
-            yield Running(running)
-            stop.set()
+    async with serving(settings, bound=60) as served:
+        yield Running(served.running)
 
 
 ADMIN_PATHS = ["/stats", "/config", "/metrics"]

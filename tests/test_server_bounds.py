@@ -18,11 +18,11 @@ import trio
 from trio_websocket import open_websocket_url
 
 from agentcast import Config
-from agentcast.server._serve import serve
 from agentcast.server._settings import ServerSettings
 
 from .rawws import TEXT, encode_frame
-from .test_server_faults import SECRET, Bystander, Fixture, open_fds, read_json
+from .serverkit import serving
+from .test_server_faults import SECRET, Bystander, Fixture, read_json
 
 LIMIT = 10
 THREADS_CAP = 100
@@ -40,27 +40,13 @@ SETTINGS = ServerSettings(
 
 @pytest.fixture
 async def fixture() -> AsyncIterator[Fixture]:
-    stop = trio.Event()
-    baseline = open_fds()
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            running = await nursery.start(
-                lambda task_status: serve(SETTINGS, stop=stop, task_status=task_status)
-            )
-            fixture = Fixture(running, stop)
-            try:
-                yield fixture
-            finally:
-                for client in fixture.clients:
-                    await client.aclose()
-            for user in list(fixture.manager.get_stats().per_user):
-                await fixture.gone(user)
-            stats = fixture.manager.get_stats()
-            assert stats.connections == 0
-            assert all(user.reserved_connections == 0 for user in stats.per_user.values())
-            assert all(user.live_tasks <= 1 for user in stats.per_user.values())
-            stop.set()
-    assert open_fds() <= baseline
+    async with serving(SETTINGS, bound=60) as served:
+        fixture = Fixture(served.running, served.stop)
+        try:
+            yield fixture
+        finally:
+            for client in fixture.clients:
+                await client.aclose()
 
 
 @pytest.fixture

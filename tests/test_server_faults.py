@@ -6,7 +6,6 @@ descriptor has leaked."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import AsyncIterator
 
 import attrs
@@ -16,10 +15,11 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 
 from agentcast import AgentEvent, Config, Connection, EventType, UserContext
 from agentcast.server import issue_token
-from agentcast.server._serve import RunningServer, serve
+from agentcast.server._serve import RunningServer
 from agentcast.server._settings import ServerSettings
 
 from .rawws import BINARY, CONTINUATION, TEXT, RawClient, encode_frame
+from .serverkit import serving
 
 SECRET = "a-test-secret-that-is-long-enough-for-hs256"
 MAX_MESSAGE = 4096
@@ -34,10 +34,6 @@ SETTINGS = ServerSettings(
         rate_limit_strikes=5,
     ),
 )
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @attrs.define
@@ -119,28 +115,14 @@ class Bystander:
 
 @pytest.fixture
 async def fixture() -> AsyncIterator[Fixture]:
-    stop = trio.Event()
-    baseline = open_fds()
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            running = await nursery.start(
-                lambda task_status: serve(SETTINGS, stop=stop, task_status=task_status)
-            )
-            fixture = Fixture(running, stop)
-            try:
-                yield fixture
-            finally:
-                for client in fixture.clients:
-                    await client.aclose()
-            # However the test ended, every connection is gone and left no task behind.
-            for user in list(fixture.manager.get_stats().per_user):
-                await fixture.gone(user)
-            stats = fixture.manager.get_stats()
-            assert stats.connections == 0
-            assert all(user.live_tasks <= 1 for user in stats.per_user.values())
-            stop.set()
-    # Every socket the server opened for a client has been closed.
-    assert open_fds() <= baseline
+    # However the test ended, every connection is gone and left no task or fd behind.
+    async with serving(SETTINGS) as served:
+        fixture = Fixture(served.running, served.stop)
+        try:
+            yield fixture
+        finally:
+            for client in fixture.clients:
+                await client.aclose()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 from collections.abc import AsyncIterator
 
@@ -38,8 +37,10 @@ from agentcast.server._http_rules import (
     decide_upgrade,
     stats_page,
 )
-from agentcast.server._serve import RunningServer, serve
+from agentcast.server._serve import RunningServer
 from agentcast.server._settings import ServerSettings
+
+from .serverkit import open_fds, serving
 
 SECRET = "a-test-secret-that-is-long-enough-for-hs256"
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -223,10 +224,6 @@ def handler_tasks() -> int:
     return count
 
 
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 async def wait_for(condition: object, what: str, *, seconds: float = 10.0) -> None:
     """Poll ``condition()`` until true; the bound is the test's failure, not its timing."""
     assert callable(condition)
@@ -276,16 +273,8 @@ async def server() -> AsyncIterator[Running]:
         port=0, secret=SECRET, demo=True, handshake_timeout=5.0, http_write_timeout=1.0,
         core=Config(shutdown_timeout=2.0),
     )
-    stop = trio.Event()
-    baseline = open_fds()
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            running = await nursery.start(
-                lambda task_status: serve(settings, stop=stop, task_status=task_status)
-            )
-            yield Running(running)
-            stop.set()
-    assert open_fds() <= baseline
+    async with serving(settings, bound=60) as served:
+        yield Running(served.running)
 
 
 @pytest.fixture

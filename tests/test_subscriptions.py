@@ -72,6 +72,48 @@ def test_too_many_held_events_is_an_overflow() -> None:
         subs.offer(T, 3, frame(3))
 
 
+def test_a_failed_subscribe_does_not_block_the_acks_after_it() -> None:
+    # The flaw this guards against: a subscribe the broker refuses (too_many_threads) used to
+    # stay in flight for ever, so the client's resume behind it was never acked and the live
+    # events held for it piled up until the connection was closed as a slow consumer.
+    subs = Subscriptions(max_held=10)
+    server, _ = subs.begin(T)
+    client, _ = subs.begin(T)
+    assert subs.offer(T, 4, frame(4)) is None
+    assert subs.complete(T, client, Recovery(True, "e1", 3, (frame(3),))) == []
+    release, forget = subs.abandon(T, server)
+    assert not forget
+    [group] = release
+    assert isinstance(group, tuple)
+    assert [(f["type"], f["seq"]) for f in parsed(group)] == [
+        ("subscribed", 3), ("agent_text", 3), ("agent_text", 4)
+    ]
+    assert subs.offer(T, 5, frame(5)) == frame(5)  # live again
+
+
+def test_abandoning_the_only_subscribe_of_a_new_thread_forgets_it() -> None:
+    subs = Subscriptions(max_held=10)
+    ticket, _ = subs.begin(T)
+    subs.offer(T, 1, frame(1))
+    assert subs.abandon(T, ticket) == ([], True)
+    assert T not in subs
+    assert subs.abandon(T, ticket) == ([], False)
+
+
+def test_abandoning_a_resubscribe_goes_back_to_the_last_ack() -> None:
+    subs = Subscriptions(max_held=10)
+    first, _ = subs.begin(T)
+    subs.complete(T, first, Recovery(False, "e1", 2, ()))
+    assert subs.offer(T, 3, frame(3)) == frame(3)
+    again, new = subs.begin(T)
+    assert not new
+    assert subs.offer(T, 4, frame(4)) is None
+    # The held event follows the seq the client already has, as a live event: nothing lost.
+    assert subs.abandon(T, again) == ([frame(4)], False)
+    assert subs.offer(T, 4, frame(4)) is None
+    assert subs.offer(T, 5, frame(5)) == frame(5)
+
+
 # ---- the property -------------------------------------------------------------------------
 
 #: One step of an interleaving. ``subscribe`` carries how the client asks: live only, from a
@@ -83,6 +125,7 @@ steps = st.lists(
                                                          "wrong_epoch"])),
         st.tuples(st.just("read"), st.integers(0, 5)),
         st.tuples(st.just("answer"), st.integers(0, 5)),
+        st.tuples(st.just("fail"), st.integers(0, 5)),
         st.just(("unsubscribe",)),
     ),
     max_size=40,
@@ -97,8 +140,9 @@ def test_after_the_last_ack_every_following_seq_arrives_once_without_gap(
     subs = Subscriptions(max_held=1000)
     #: ticket -> [since_seq asked, epoch asked, Recovery once read]
     flight: dict[int, list[Any]] = {}
-    received: list[tuple[str, ...]] = []
-    requests: list[int | None] = []  # since_seq per subscribe, in the order they began
+    received: list[str | tuple[str, ...]] = []
+    #: ticket -> since_seq, per subscribe that is to be acked, in the order they began.
+    requests: dict[int, int | None] = {}
 
     def publish() -> None:
         seq = history.next_seq()
@@ -106,7 +150,7 @@ def test_after_the_last_ack_every_following_seq_arrives_once_without_gap(
         if T in subs:
             sent = subs.offer(T, seq, frame(seq))
             if sent is not None:
-                received.append((sent,))
+                received.append(sent)
 
     def read(ticket: int) -> None:
         since, epoch = flight[ticket][:2]
@@ -116,6 +160,16 @@ def test_after_the_last_ack_every_following_seq_arrives_once_without_gap(
         if flight[ticket][2] is None:
             read(ticket)
         received.extend(subs.complete(T, ticket, flight.pop(ticket)[2]))
+
+    def fail(ticket: int) -> None:
+        # The broker refused it: an error frame for the client, no ack.
+        flight.pop(ticket)
+        requests.pop(ticket, None)
+        release, forget = subs.abandon(T, ticket)
+        received.extend(release)
+        if forget:
+            assert not requests, "a thread is forgotten only if no subscribe waits for an ack"
+            received.clear()
 
     for step in script:
         if step[0] == "publish":
@@ -131,11 +185,12 @@ def test_after_the_last_ack_every_following_seq_arrives_once_without_gap(
             }[step[1]]
             ticket, _ = subs.begin(T)
             flight[ticket] = [since, epoch, None]
-            requests.append(since)
-        elif step[0] in ("read", "answer") and flight:
+            requests[ticket] = since
+        elif step[0] in ("read", "answer", "fail") and flight:
             ticket = sorted(flight)[step[1] % len(flight)]
-            (read if step[0] == "read" else answer)(ticket)
-        elif step[0] == "unsubscribe" and not flight:
+            {"read": read, "answer": answer, "fail": fail}[step[0]](ticket)
+        elif step[0] == "unsubscribe":
+            # Answers of subscribes still in flight are ignored from now on.
             subs.remove(T)
             requests.clear()
             received.clear()  # the client forgets the thread too
@@ -147,17 +202,21 @@ def test_after_the_last_ack_every_following_seq_arrives_once_without_gap(
     for _ in range(3):
         publish()
 
-    check_client_view(received, requests, history.latest_seq)
+    check_client_view(received, list(requests.values()), history.latest_seq)
 
 
 def check_client_view(
-    received: list[tuple[str, ...]], requests: list[int | None], latest: int
+    received: list[str | tuple[str, ...]], requests: list[int | None], latest: int
 ) -> None:
     """One ack per subscribe, each followed by its own replay; after the last ack, every seq
     up to ``latest`` exactly once, in order."""
     if not requests:
         return
-    frames = [json.loads(item) for group in received for item in group]
+    frames = [
+        json.loads(item)
+        for group in received
+        for item in ((group,) if isinstance(group, str) else group)
+    ]
     acks = [i for i, f in enumerate(frames) if f["type"] == "subscribed"]
     assert len(acks) == len(requests), "every subscribe gets exactly one ack"
     for index, since in zip(acks, requests, strict=True):

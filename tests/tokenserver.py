@@ -17,8 +17,10 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 
 from agentcast import AgentEvent, Config, EventType, UserContext
 from agentcast.server import issue_token
-from agentcast.server._serve import RunningServer, serve
+from agentcast.server._serve import RunningServer
 from agentcast.server._settings import ServerSettings
+
+from .serverkit import serving
 
 SECRET = "a-test-secret-that-is-long-enough-for-hs256"
 ADMIN = "an-admin-token-that-is-at-least-32-bytes"
@@ -27,10 +29,6 @@ SETTINGS = ServerSettings(
     port=0, secret=SECRET, admin_token=ADMIN, handshake_timeout=2.0, token_leeway=0.0,
     core=Config(write_timeout=0.4, close_timeout=1.0, shutdown_timeout=2.0),
 )
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @attrs.define
@@ -108,28 +106,8 @@ class Node:
 @asynccontextmanager
 async def running_node(settings: ServerSettings = SETTINGS) -> AsyncIterator[Node]:
     """Serve ``settings`` on a free port; on exit check that nothing was left behind."""
-    stop = trio.Event()
-    baseline = open_fds()
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            running = await nursery.start(
-                lambda task_status: serve(settings, stop=stop, task_status=task_status)
-            )
-            node = Node(running)
-            try:
-                yield node
-            finally:
-                manager = node.manager
-                for user in list(manager.get_stats().per_user):
-                    session = manager.session(user)
-                    if session is not None:
-                        for connection in session.connections():
-                            await connection.wait_closed()
-                stats = manager.get_stats()
-                assert stats.connections == 0
-                assert all(user.live_tasks <= 1 for user in stats.per_user.values())
-                stop.set()
-    assert open_fds() <= baseline
+    async with serving(settings) as served:
+        yield Node(served.running)
 
 
 def token(user: str, **kwargs: Any) -> str:

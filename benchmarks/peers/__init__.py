@@ -11,6 +11,7 @@ from typing import Final
 #: Peer name -> module, in report order.
 PEERS: Final = {
     "agentcast": "benchmarks.peers.agentcast_peer",
+    "agentcast-asgi": "benchmarks.peers.agentcast_asgi_peer",
     "websockets": "benchmarks.peers.websockets_peer",
     "socketio": "benchmarks.peers.socketio_peer",
     "trio-websocket": "benchmarks.peers.trio_websocket_peer",

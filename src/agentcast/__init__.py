@@ -32,9 +32,11 @@ from ._manager import ConnectionManager as ConnectionManager
 from ._manager import get_websocket_manager as get_websocket_manager
 from ._manager import get_websocket_manager_async as get_websocket_manager_async
 from ._manager import open_manager as open_manager
+from ._presence import Presence as Presence
 from ._protocol import BATCH_SUBPROTOCOL as BATCH_SUBPROTOCOL
 from ._protocol import PLAIN_SUBPROTOCOL as PLAIN_SUBPROTOCOL
 from ._protocol import CloseCode as CloseCode
+from ._redis_broker import BackplaneStats as BackplaneStats
 from ._redis_broker import RedisBroker as RedisBroker
 from ._run import Run as Run
 from ._run_history import ActiveRun as ActiveRun

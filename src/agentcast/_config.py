@@ -49,6 +49,20 @@ MAX_THREADS_PER_USER: Final = 1000
 MAX_RETAINED_BYTES: Final = 256 * 1024 * 1024
 #: Runs one user may have active at once.
 MAX_ACTIVE_RUNS_PER_USER: Final = 8
+#: Frames one inbound message may be split into (browsers send one; libraries a few dozen).
+MAX_FRAGMENTS_PER_MESSAGE: Final = 64
+#: Sustained inbound bytes per second per connection (standalone server; over it, reads wait).
+INBOUND_BYTES_PER_SECOND: Final = 256 * 1024
+#: Inbound bytes a connection may send at once above the sustained byte rate.
+INBOUND_BYTES_BURST: Final = 1024 * 1024
+#: Sustained inbound frames (data and control) per second per connection (standalone server).
+INBOUND_FRAMES_PER_SECOND: Final = 200.0
+#: Inbound frames a connection may send at once above the sustained frame rate.
+INBOUND_FRAMES_BURST: Final = 1000
+#: Sustained inbound control frames (ping, pong, close) per second per connection.
+CONTROL_FRAMES_PER_SECOND: Final = 5.0
+#: Inbound control frames a connection may send in a burst above the sustained rate.
+CONTROL_FRAMES_BURST: Final = 20
 #: Bytes one run may retain for resume (its compacted text plus its other events' frames).
 MAX_RUN_BYTES: Final = 4 * 1024 * 1024
 #: Bytes of retained events per (user, thread) outside runs kept whole (see ``history_size``).
@@ -61,7 +75,9 @@ def positive(instance: object, attribute: attrs.Attribute[Any], value: float) ->
         raise ValueError(f"{type(instance).__name__}.{attribute.name} must be > 0, got {value!r}")
 
 
-def _positive_or_none(instance: object, attribute: attrs.Attribute[Any], value: int | None) -> None:
+def _positive_or_none(
+    instance: object, attribute: attrs.Attribute[Any], value: float | None
+) -> None:
     if value is not None:
         positive(instance, attribute, value)
 
@@ -131,6 +147,37 @@ class Config:
     max_connections_per_user: int | None = attrs.field(
         default=None, validator=_positive_or_none
     )
+    #: Frames one inbound message may arrive in (standalone server); one more closes the
+    #: connection with 1008: each frame costs the server CPU however small it is.
+    max_fragments_per_message: int = attrs.field(
+        default=MAX_FRAGMENTS_PER_MESSAGE, validator=positive
+    )
+    #: Sustained inbound bytes per second per connection (standalone server). Past the burst,
+    #: the server reads the socket later (TCP backpressure): the client is slowed, not closed.
+    inbound_bytes_per_second: float = attrs.field(
+        default=INBOUND_BYTES_PER_SECOND, validator=positive
+    )
+    #: Inbound bytes allowed at once above the sustained byte rate (token bucket capacity).
+    inbound_bytes_burst: int = attrs.field(default=INBOUND_BYTES_BURST, validator=positive)
+    #: Sustained inbound control frames (ping, pong, close) per second per connection
+    #: (standalone server); past the burst the connection is closed with 4029.
+    control_frames_per_second: float = attrs.field(
+        default=CONTROL_FRAMES_PER_SECOND, validator=positive
+    )
+    #: Inbound control frames allowed in a burst above the sustained rate.
+    control_frames_burst: int = attrs.field(default=CONTROL_FRAMES_BURST, validator=positive)
+    #: Sustained inbound frames per second per connection (standalone server), whatever their
+    #: size: each costs wsproto ~15-25 µs. Past the burst the server reads later, as for bytes.
+    inbound_frames_per_second: float = attrs.field(
+        default=INBOUND_FRAMES_PER_SECOND, validator=positive
+    )
+    #: Inbound frames allowed at once above the sustained frame rate.
+    inbound_frames_burst: int = attrs.field(default=INBOUND_FRAMES_BURST, validator=positive)
+    #: Seconds without anything sent on a connection after which the server sends a
+    #: ``{"type":"heartbeat"}`` data frame, for proxies that drop idle sockets and ignore
+    #: WebSocket pings; None: off. The manager's watchdog checks every quarter of it (or every
+    #: eighth of ``write_timeout``, if that is shorter), so one goes out within 1.25 times this.
+    heartbeat_interval: float | None = attrs.field(default=None, validator=_positive_or_none)
     #: Bytes one run may retain for resume: while a run is active, and for ``history_ttl``
     #: after it ends, all of its events stay retained whatever ``history_size`` and
     #: ``history_bytes`` say; the publish that would pass this cap raises ``RunTooLarge`` (the

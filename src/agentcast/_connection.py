@@ -11,13 +11,14 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Iterator
-from typing import Protocol, final
+from collections.abc import Iterable
+from typing import Final, Protocol, final
 
 import attrs
 import trio
 from trio_websocket import ConnectionClosed
 
+from ._batching import Outgoing, gather, messages
 from ._config import Config
 from ._credentials import NEVER, Credentials, ExpiryPlan, narrow_threads, plan_expiry
 from ._errors import (
@@ -46,23 +47,22 @@ from ._protocol import (
     parse_client_frame,
     pong_frame,
     refreshed_frame,
-    subscribed_frame,
     token_expiring_frame,
     unsubscribed_frame,
 )
+from ._ratelimit import Admission, InboundLimiter
 from ._stats import Counters
+from ._subscriptions import HeldOverflow, Subscriptions
 from ._transport import Transport, abort_transport, close_transport
 
 __all__ = ["Connection", "ConnectionOwner"]
 
 log = logging.getLogger("agentcast")
 
-#: What travels through a connection's channel: an event frame (str), or a tuple whose first
-#: element is a control frame, followed by events that must stay with it (an ack and its
-#: replay). A tuple counts as one slot; its events are ``len(item) - 1``.
-Outgoing = str | tuple[str, ...]
-
 _ids = itertools.count(1)
+
+#: The data frame sent on a connection idle for ``Config.heartbeat_interval``; clients ignore it.
+HEARTBEAT_FRAME: Final = '{"type":"heartbeat"}'
 
 
 class ConnectionOwner(Protocol):
@@ -103,27 +103,6 @@ class ConnectionOwner(Protocol):
         """Dispatch an application frame type; raises ClientError for an error frame."""
 
 
-@attrs.define
-class _RateLimiter:
-    """Token bucket over inbound frames; ``strikes`` counts consecutive refusals."""
-
-    rate: float
-    burst: int
-    tokens: float
-    updated: float
-    strikes: int = 0
-
-    def allow(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            self.strikes = 0
-            return True
-        self.strikes += 1
-        return False
-
-
 @final
 @attrs.define(eq=False, repr=False)
 class Connection:
@@ -137,14 +116,12 @@ class Connection:
     _owner: ConnectionOwner
     _send: trio.MemorySendChannel[Outgoing]
     _receive: trio.MemoryReceiveChannel[Outgoing]
-    _limiter: _RateLimiter
+    _limiter: InboundLimiter
     #: The threads this client may subscribe to, message and cancel runs on (None: any of the
     #: user's threads), e.g. from the ``threads`` claim of its token.
     allowed_threads: frozenset[str] | None = None
-    #: thread id -> last seq queued for it, or None while its replay is being fetched.
-    _subs: dict[str, int | None] = attrs.Factory(dict)
-    #: Live events that arrived while a thread's replay was being fetched.
-    _held: dict[str, list[tuple[int, str]]] = attrs.Factory(dict)
+    #: Per-thread delivery positions and the subscribe/replay merge (a pure state machine).
+    _subscriptions: Subscriptions = attrs.field(kw_only=True)
     #: Wraps both tasks: cancelling it stops them; its deadline bounds a draining close.
     _scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     _close_code: int | None = None
@@ -154,6 +131,9 @@ class Connection:
     #: leave half a frame on the wire; the manager's watchdog cuts one older than
     #: ``write_timeout`` (see :meth:`check_write`), far cheaper than a cancel scope per write.
     _write_started: float | None = None
+    #: trio time the last completed write began (or the connection was created, or a heartbeat
+    #: was queued): :meth:`check_heartbeat` sends one when it is ``heartbeat_interval`` old.
+    _last_sent: float = attrs.Factory(trio.current_time)
     #: Set by :meth:`abort`: the peer is dead, so no close handshake is attempted.
     _aborting: bool = False
     _finished: trio.Event = attrs.Factory(trio.Event)
@@ -179,12 +159,13 @@ class Connection:
         """
         config = owner.config
         send, receive = trio.open_memory_channel[Outgoing](config.send_queue_size)
-        limiter = _RateLimiter(
-            config.inbound_rate, config.inbound_burst, float(config.inbound_burst),
+        limiter = InboundLimiter.create(
+            config.inbound_rate, config.inbound_burst, config.rate_limit_strikes,
             trio.current_time(),
         )
         connection = cls(
-            f"c-{next(_ids)}", transport, batch, owner, send, receive, limiter, allowed_threads
+            f"c-{next(_ids)}", transport, batch, owner, send, receive, limiter, allowed_threads,
+            subscriptions=Subscriptions(max_held=config.send_queue_size),
         )
         if credentials is not None:
             connection._grant(credentials)
@@ -193,7 +174,7 @@ class Connection:
     def __repr__(self) -> str:
         return (
             f"<Connection {self.connection_id} user={self._owner.user_id!r} "
-            f"threads={sorted(self._subs)} closed={self.closed}>"
+            f"threads={sorted(self._subscriptions.threads)} closed={self.closed}>"
         )
 
     @property
@@ -204,7 +185,7 @@ class Connection:
     @property
     def threads(self) -> frozenset[str]:
         """The threads this connection is subscribed to."""
-        return frozenset(self._subs)
+        return self._subscriptions.threads
 
     @property
     def closed(self) -> bool:
@@ -224,16 +205,13 @@ class Connection:
 
     def offer(self, thread_id: str, seq: int, frame: str) -> None:
         """Queue a thread event unless it is a duplicate; hold it while a replay is fetched."""
-        last = self._subs.get(thread_id, -1)
-        if last is None:
-            held = self._held[thread_id]
-            held.append((seq, frame))
-            if len(held) > self._owner.config.send_queue_size:
-                self._slow_consumer("too many events held during replay")
+        try:
+            live = self._subscriptions.offer(thread_id, seq, frame)
+        except HeldOverflow:
+            self._slow_consumer("too many events held during replay")
             return
-        if seq > last:
-            self._subs[thread_id] = seq
-            self.enqueue(frame)
+        if live is not None:
+            self.enqueue(live)
 
     def enqueue(self, item: Outgoing) -> None:
         """Queue a frame (or an ack-and-replay group); a full channel closes with 4008."""
@@ -313,19 +291,10 @@ class Connection:
                     self._owner.config.close_timeout,
                 )
         finally:
-            for thread_id in list(self._subs):
+            for thread_id in list(self._subscriptions):
                 self._owner.index_unsubscribe(thread_id, self)
             self._owner.detach(self)
             self._finished.set()
-
-    def _is_pending(self, thread_id: str) -> bool:
-        return thread_id in self._held and self._subs.get(thread_id, -1) is None
-
-    def _hold(self, thread_id: str) -> None:
-        """Route the thread here now, holding its events until the ack is queued."""
-        self._subs[thread_id] = None
-        self._held[thread_id] = []
-        self._owner.index_subscribe(thread_id, self)
 
     # ---- the tasks --------------------------------------------------------------------------
 
@@ -346,16 +315,24 @@ class Connection:
     async def _write_loop(self) -> None:
         """Send what the channel brings, batched, until it ends or the connection must stop."""
         counters = self._owner.counters
-        limit = self._owner.config.batch_max_events
+        config = self._owner.config
+        limit = config.batch_max_events
         latency = self._owner.delivery_latency
+        receive = self._receive
+        empty = (trio.WouldBlock, trio.EndOfChannel)
+        batch, max_bytes = self.batch, config.batch_max_bytes
         try:
             while True:
                 try:
-                    item = await self._receive.receive()
+                    item = await receive.receive()
                 except trio.EndOfChannel:
                     return
-                frames, events, oldest_live, live = self._batch(item, limit)
-                for message in self._messages(frames):
+                frames, events, oldest_live, live = gather(
+                    item, receive.receive_nowait, limit, empty
+                )
+                for message in messages(
+                    frames, batch=batch, max_bytes=max_bytes, max_events=limit
+                ):
                     if not await self._write(message):
                         return
                     counters.messages_sent += 1
@@ -366,59 +343,12 @@ class Connection:
             # However the writer ends (drained, slow, peer gone), the reader must stop too.
             self._scope.cancel()
 
-    def _batch(self, item: Outgoing, limit: int) -> tuple[list[str], int, str | None, int]:
-        """``item`` and what else is queued, up to about ``limit`` frames, as (frames, events,
-        oldest live frame, live events). Plain strings are live events; tuples are a control
-        frame and its replay."""
-        oldest_live: str | None = None
-        live = 0
-        if isinstance(item, str):
-            frames, events, oldest_live, live = [item], 1, item, 1
-        else:
-            frames, events = list(item), len(item) - 1
-        receive = self._receive
-        while len(frames) < limit:
-            try:
-                item = receive.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
-            if isinstance(item, str):
-                frames.append(item)
-                events += 1
-                live += 1
-                if oldest_live is None:
-                    oldest_live = item
-            else:
-                frames.extend(item)
-                events += len(item) - 1
-        return frames, events, oldest_live, live
-
-    def _messages(self, frames: list[str]) -> Iterator[str]:
-        """Group frames into WebSocket messages: one each, or newline-joined batches."""
-        if not self.batch:
-            yield from frames
-            return
-        config = self._owner.config
-        group: list[str] = []
-        size = 0
-        for frame in frames:
-            if group and (
-                size + len(frame) > config.batch_max_bytes
-                or len(group) >= config.batch_max_events
-            ):
-                yield "\n".join(group)
-                group, size = [], 0
-            group.append(frame)
-            size += len(frame) + 1
-        if group:
-            yield "\n".join(group)
-
     async def _write(self, message: str) -> bool:
         """Write one message (:meth:`check_write` bounds it); False if the peer has gone."""
         # A close that came between two messages cuts nothing: stop before starting this one,
         # so finish() closes politely with the code instead of aborting (1006).
         await trio.lowlevel.checkpoint_if_cancelled()
-        self._write_started = trio.current_time()
+        started = self._write_started = trio.current_time()
         try:
             await self.transport.send_message(message)
         except ConnectionClosed as exc:
@@ -427,6 +357,7 @@ class Connection:
             return False
         # Cancelled (cut by check_write or a close) leaves _write_started set: finish() aborts.
         self._write_started = None
+        self._last_sent = started  # no second clock read on the hot path
         return True
 
     def check_write(self, now: float) -> None:
@@ -435,6 +366,19 @@ class Connection:
         started = self._write_started
         if started is not None and now - started >= self._owner.config.write_timeout:
             self._slow_consumer("write timed out")
+
+    def check_heartbeat(self, now: float) -> None:
+        """Queue a ``heartbeat`` frame if nothing has been sent for ``heartbeat_interval``
+        (and nothing is being written); the manager's watchdog calls this, so an idle
+        connection needs no task or cancel scope of its own for it."""
+        interval = self._owner.config.heartbeat_interval
+        if (
+            interval is None or now - self._last_sent < interval
+            or self._write_started is not None or self._close_code is not None
+        ):
+            return
+        self._last_sent = now  # one heartbeat per interval, even while the writer is busy
+        self.enqueue((HEARTBEAT_FRAME,))
 
     # ---- credentials ------------------------------------------------------------------------
 
@@ -474,8 +418,9 @@ class Connection:
             except ConnectionClosed as exc:
                 self._peer_gone(exc)
                 return
-            if not self._limiter.allow(trio.current_time()):
-                if self._limiter.strikes > config.rate_limit_strikes:
+            admission = self._limiter.admit(trio.current_time())
+            if admission is not Admission.ACCEPT:
+                if admission is Admission.CLOSE:
                     self._owner.counters.rate_limit_disconnects += 1
                     # Drain: the refusals already queued are sent, and a busy writer is not
                     # cut mid-write (which would turn 4029 into an abort, 1006).
@@ -518,8 +463,7 @@ class Connection:
             case Subscribe():
                 await self._subscribe(frame)
             case Unsubscribe(thread_id=thread_id):
-                if self._subs.pop(thread_id, -1) != -1:
-                    self._held.pop(thread_id, None)
+                if self._subscriptions.remove(thread_id):
                     self._owner.index_unsubscribe(thread_id, self)
                 self.enqueue((unsubscribed_frame(thread_id),))
             case CancelRun(run_id=run_id):
@@ -575,9 +519,8 @@ class Connection:
         self._grant(renewed)
         self.allowed_threads = allowed
         if allowed is not None:
-            for thread_id in [t for t in self._subs if t not in allowed]:
-                del self._subs[thread_id]
-                self._held.pop(thread_id, None)
+            for thread_id in [t for t in self._subscriptions if t not in allowed]:
+                self._subscriptions.remove(thread_id)
                 self._owner.index_unsubscribe(thread_id, self)
                 self.enqueue((unsubscribed_frame(thread_id),))
         self.enqueue((refreshed_frame(renewed.expires_at),))
@@ -585,18 +528,22 @@ class Connection:
     async def _subscribe(self, request: Subscribe) -> None:
         """Ack, replay what was missed, then go live, with no gap and no duplicate.
 
-        Live events arriving while the replay is fetched are held and released after it,
-        skipping any the replay already covered.
+        The thread is routed here before its replay is fetched; :class:`Subscriptions` holds
+        its live events meanwhile and gives every subscribe its own ack, in the order they
+        began, however their fetches finish (the server's own subscribe and a client's resume
+        race on a token's threads).
         """
         thread_id = request.thread_id
-        if thread_id not in self._subs and len(self._subs) >= self._owner.config.max_subscriptions:
+        subscriptions = self._subscriptions
+        limit = self._owner.config.max_subscriptions
+        if thread_id not in subscriptions and len(subscriptions) >= limit:
             self._refuse(ProtocolError(
-                "too_many_subscriptions",
-                f"at most {self._owner.config.max_subscriptions} threads per connection",
+                "too_many_subscriptions", f"at most {limit} threads per connection"
             ))
             return
-        if not self._is_pending(thread_id):
-            self._hold(thread_id)
+        ticket, new = subscriptions.begin(thread_id)
+        if new:
+            self._owner.index_subscribe(thread_id, self)
         try:
             recovery = await self._owner.recover(thread_id, request.since_seq, request.epoch)
         except BrokerUnavailable as exc:
@@ -604,32 +551,16 @@ class Connection:
             self.close(CloseCode.SERVICE_RESTART, str(exc))
             return
         except TooManyThreads as exc:
-            # The user's streams are all in use: nothing was created; undo the route.
-            if self._subs.get(thread_id, -1) is None:
-                del self._subs[thread_id]
-                self._held.pop(thread_id, None)
+            # The user's streams are all in use: nothing was created. No ack for this one;
+            # a thread never acked here is unrouted again.
+            release, forget = subscriptions.abandon(thread_id, ticket)
+            if forget:
                 self._owner.index_unsubscribe(thread_id, self)
             self._refuse(ProtocolError("too_many_threads", str(exc)))
+            self._queue(release)
             return
-        held = self._held.pop(thread_id, [])
-        if self._subs.get(thread_id, -1) is not None:
-            return  # unsubscribed (or re-subscribed) while the replay was fetched
-        if recovery.recovered:
-            # Replay covers everything up to latest_seq; held events past it follow.
-            position = recovery.latest_seq
-        else:
-            # Nothing replayed: the stream starts at the moment the route was registered, so
-            # every held event is live, and the ack names the seq just before the first one.
-            position = held[0][0] - 1 if held else recovery.latest_seq
-        ack = subscribed_frame(
-            thread_id, seq=position, epoch=recovery.epoch, recovered=recovery.recovered,
-            active_runs=recovery.active_runs,
-        )
-        last = position
-        live = []
-        for seq, frame in held:
-            if seq > last:
-                live.append(frame)
-                last = seq
-        self._subs[thread_id] = last
-        self.enqueue((ack, *recovery.frames, *live))
+        self._queue(subscriptions.complete(thread_id, ticket, recovery))
+
+    def _queue(self, release: Iterable[Outgoing]) -> None:
+        for item in release:
+            self.enqueue(item)

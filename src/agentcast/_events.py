@@ -92,6 +92,7 @@ FIELD_RULES: Final[Mapping[str, tuple[Any, str]]] = {
     "error_type": (_is_text, "a string"),
     "message": (_is_text, "a string"),
     "reason": (_is_text, "a string"),
+    "tool_call_id": (_is_text, "a string"),
 }
 
 #: Frame types the server sends that are not events; an event may not use these names.

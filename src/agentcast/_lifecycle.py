@@ -10,15 +10,18 @@ copy is the point: the two copies this replaced had drifted (a missing terminal 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
 
+from ._config import ERROR_MESSAGE_LIMIT
 from ._errors import InvalidEvent, RunEnded
 from ._events import TERMINAL_TYPES, AgentEvent, EventType
+from ._ids import check_id, new_id
 
-__all__ = ["RunEmitter", "Terminal", "decide_terminal", "started_event"]
+__all__ = ["RunEmitter", "Terminal", "ToolCall", "decide_terminal", "started_event"]
 
 
 def started_event(run_id: str, agent_name: str) -> AgentEvent:
@@ -109,6 +112,17 @@ def elapsed_ms(since: float, now: float) -> float:
     return round((now - since) * 1000, 3)
 
 
+@attrs.define(eq=False)
+class ToolCall:
+    """One tool call inside :meth:`RunEmitter.tool`: set :attr:`result` before the block ends
+    (or pass it to :meth:`RunEmitter.tool_completed` yourself)."""
+
+    tool_call_id: str
+    tool_name: str
+    #: What ``tool_completed`` carries in ``data.result``; must be JSON-serialisable.
+    result: Any = None
+
+
 class RunEmitter:
     """The events a run emits, shared by ``Run`` and ``PublisherRun``.
 
@@ -120,8 +134,9 @@ class RunEmitter:
 
     run_id: str
     _ended: bool
-    #: tool name -> clock reading at its ``tool_executing``, for ``tool_completed``'s duration.
-    _tools_started: dict[str, float]
+    #: tool call id -> (tool name, clock reading at its ``tool_executing``), oldest first: the
+    #: open calls, for ``tool_completed``'s pairing and duration.
+    _tools_started: dict[str, tuple[str, float]]
 
     async def _publish(self, event: AgentEvent) -> int:
         raise NotImplementedError
@@ -166,22 +181,83 @@ class RunEmitter:
         """Publish ``agent_text``: a piece of the streamed answer (e.g. a token delta)."""
         return await self.emit(EventType.AGENT_TEXT, {"text": delta})
 
-    async def tool_executing(self, tool_name: str, arguments: Mapping[str, Any]) -> int:
-        """Publish ``tool_executing`` and start timing the tool."""
-        self._tools_started[tool_name] = self._now()
-        return await self.emit(
-            EventType.TOOL_EXECUTING, {"tool_name": tool_name, "arguments": dict(arguments)}
+    async def tool_executing(
+        self, tool_name: str, arguments: Mapping[str, Any], *, tool_call_id: str | None = None
+    ) -> str:
+        """Publish ``tool_executing``, start timing the call, and return its ``tool_call_id``
+        (generated unless given; pass it to :meth:`tool_completed` to pair the two, which
+        parallel calls of one tool need).
+
+        Raises:
+            InvalidIdentifier: ``tool_call_id`` is not a valid id.
+            InvalidEvent: the call id is already open in this run, or the data is invalid.
+        """
+        call_id = new_id("call") if tool_call_id is None else check_id(
+            "tool_call_id", tool_call_id
         )
+        if call_id in self._tools_started:
+            raise InvalidEvent(f"tool call {call_id!r} is already executing in this run")
+        event = AgentEvent(
+            EventType.TOOL_EXECUTING,
+            {"tool_name": tool_name, "arguments": dict(arguments), "tool_call_id": call_id},
+            self.run_id,
+        )
+        await self._emit(event)
+        self._tools_started[call_id] = (tool_name, self._now())
+        return call_id
 
     async def tool_completed(
-        self, tool_name: str, result: Any, *, duration_ms: float | None = None, ok: bool = True
+        self,
+        tool_name: str,
+        result: Any,
+        *,
+        tool_call_id: str | None = None,
+        duration_ms: float | None = None,
+        ok: bool = True,
     ) -> int:
-        """Publish ``tool_completed``; ``duration_ms`` defaults to the time since
-        :meth:`tool_executing` for the same tool (0 if there was none)."""
-        started = self._tools_started.pop(tool_name, None)
+        """Publish ``tool_completed`` and return its seq.
+
+        Without ``tool_call_id`` it completes the oldest open call of ``tool_name`` (or, if
+        there is none, a call that never reported its start, with a fresh id). ``duration_ms``
+        defaults to the time since that call's :meth:`tool_executing` (0 if there was none).
+        """
+        if tool_call_id is None:
+            tool_call_id = next(
+                (call for call, (name, _) in self._tools_started.items() if name == tool_name),
+                None,
+            ) or new_id("call")
+        else:
+            check_id("tool_call_id", tool_call_id)
+        started = self._tools_started.pop(tool_call_id, None)
         if duration_ms is None:
-            duration_ms = 0.0 if started is None else elapsed_ms(started, self._now())
+            duration_ms = 0.0 if started is None else elapsed_ms(started[1], self._now())
         return await self.emit(
             EventType.TOOL_COMPLETED,
-            {"tool_name": tool_name, "result": result, "duration_ms": duration_ms, "ok": ok},
+            {"tool_name": tool_name, "result": result, "duration_ms": duration_ms, "ok": ok,
+             "tool_call_id": tool_call_id},
         )
+
+    @asynccontextmanager
+    async def tool(
+        self, tool_name: str, arguments: Mapping[str, Any], *, tool_call_id: str | None = None
+    ) -> AsyncIterator[ToolCall]:
+        """Report one tool call around its work: ``tool_executing`` on entry, ``tool_completed``
+        with ``call.result`` and the measured duration on exit.
+
+        If the block raises, ``tool_completed`` carries ``ok: false`` and the error's type and
+        message as its result, and the exception propagates (the run then ends as it decides).
+        A cancelled block reports nothing more: the run's terminal event says it was cancelled.
+        """
+        call = ToolCall(
+            await self.tool_executing(tool_name, arguments, tool_call_id=tool_call_id), tool_name
+        )
+        try:
+            yield call
+        except Exception as exc:
+            await self.tool_completed(
+                tool_name,
+                {"error_type": type(exc).__name__, "message": _message(exc)[:ERROR_MESSAGE_LIMIT]},
+                tool_call_id=call.tool_call_id, ok=False,
+            )
+            raise
+        await self.tool_completed(tool_name, call.result, tool_call_id=call.tool_call_id)

@@ -61,6 +61,9 @@ class CloseCode(enum.IntEnum):
     NORMAL = 1000
     #: Server shutting down or session closed; reconnect and resume.
     GOING_AWAY = 1001
+    #: A frame broke RFC 6455 (unmasked, reserved bits, unknown opcode, bad fragmentation or
+    #: control frame); the standalone server sends it before dropping the connection.
+    PROTOCOL_ERROR = 1002
     #: Binary frame where text JSON is expected.
     UNSUPPORTED_DATA = 1003
     #: Invalid UTF-8 in a text frame.

@@ -19,6 +19,12 @@ Layout, for user ``u`` and thread ``t``:
 - ``agentcast:{u}:revoked``       string: revocation cut-off, Unix seconds; tokens of ``u``
   issued at or before it are refused. Expires ``REVOCATION_TTL`` after the revocation (longer
   than any token the server accepts lives).
+- ``agentcast:{u}:presence``      hash: node id -> ``"<places> <expires> <seq>"``, the
+  connections (open or being opened) ``u`` holds on that node, when that entry stops counting
+  (Redis ``TIME`` seconds) and the node's write seq of that count. Each node rewrites its
+  entries at least every ``PRESENCE_TTL / 3`` seconds, so a killed node's entries stop
+  counting within ``PRESENCE_TTL`` seconds of its last heartbeat; every script that reads the
+  hash drops expired entries.
 - ``agentcast:all``              pub/sub channel every node subscribes to (broadcasts)
 
 Channel messages: ``t <thread_id> <seq> <frame>`` for a thread event, ``u <frame>`` for a
@@ -44,11 +50,14 @@ __all__ = [
     "disconnect_message",
     "parse_disconnect_message",
     "revocation_key",
+    "PRESENCE_SCRIPT",
+    "PRESENCE_TTL",
     "PUBLISH_SCRIPT",
     "RECOVER_SCRIPT",
     "kept_key",
     "meta_key",
     "parse_user_message",
+    "presence_key",
     "runinfo_key",
     "runs_key",
     "split_envelope",
@@ -199,6 +208,67 @@ end
 return {epoch, latest, frames, active}
 """
 
+#: Seconds a node's presence entry counts without a heartbeat (see the layout above): the
+#: longest a SIGKILLed node's connections keep counting towards presence and the per-user limit.
+PRESENCE_TTL: Final = 15
+
+#: KEYS: presence. ARGV: node id ("" to only read), places this node holds (including the one
+#: being reserved), limit (-1: none), ttl seconds, write seq (grows with every count the node
+#: computes). Drops expired entries, then, for a node: if its entry already holds a count with
+#: a higher seq (computed later, so it includes this place), only checks that count against the
+#: limit; otherwise, if the other nodes' places plus this node's exceed the limit, refuses
+#: (recording one place fewer: the one refused), else records this node's places (deleting the
+#: entry at 0). Returns {1 admitted / 0 refused, total places, nodes with places}, atomically:
+#: simultaneous reservations on several nodes never pass the limit together, and a node's
+#: calls overtaking each other on the way never record an older, smaller count.
+PRESENCE_SCRIPT: Final = """
+local now = tonumber(redis.call('TIME')[1])
+local total, nodes = 0, 0
+local stored, stored_seq = 0, -1
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  local places, expires, seq = string.match(entries[i + 1], '^(%d+) (%d+) (%d+)$')
+  if not expires or tonumber(expires) <= now then
+    redis.call('HDEL', KEYS[1], entries[i])
+  elseif entries[i] == ARGV[1] then
+    stored, stored_seq = tonumber(places), tonumber(seq)
+  elseif tonumber(places) > 0 then
+    total = total + tonumber(places)
+    nodes = nodes + 1
+  end
+end
+if ARGV[1] == '' then
+  return {1, total, nodes}
+end
+local limit = tonumber(ARGV[3])
+local admitted = 1
+if stored_seq >= tonumber(ARGV[5]) then
+  if limit >= 0 and stored > 0 and total + stored > limit then
+    admitted = 0
+  end
+  if stored > 0 then
+    total = total + stored
+    nodes = nodes + 1
+  end
+  return {admitted, total, nodes}
+end
+local mine = tonumber(ARGV[2])
+if limit >= 0 and mine > 0 and total + mine > limit then
+  admitted = 0
+  mine = mine - 1
+end
+if mine > 0 then
+  local value = mine .. ' ' .. (now + tonumber(ARGV[4])) .. ' ' .. ARGV[5]
+  redis.call('HSET', KEYS[1], ARGV[1], value)
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  total = total + mine
+  nodes = nodes + 1
+else
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return {admitted, total, nodes}
+"""
+
 
 def meta_key(user_id: str, thread_id: str) -> str:
     """The hash holding the stream's epoch and last seq."""
@@ -234,6 +304,11 @@ def threads_key(user_id: str) -> str:
 def user_channel(user_id: str) -> str:
     """The pub/sub channel of one user; a node subscribes while it holds the user."""
     return f"agentcast:{{{user_id}}}:live"
+
+
+def presence_key(user_id: str) -> str:
+    """The hash of the user's connection places per node (presence and the per-user limit)."""
+    return f"agentcast:{{{user_id}}}:presence"
 
 
 def revocation_key(user_id: str) -> str:

@@ -43,7 +43,7 @@ class Run(RunEmitter):
     _scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     _cancel_reason: str | None = None
     _ended: bool = False
-    _tools_started: dict[str, float] = attrs.Factory(dict)
+    _tools_started: dict[str, tuple[str, float]] = attrs.Factory(dict)
     _done: trio.Event = attrs.Factory(trio.Event)
 
     def __repr__(self) -> str:

@@ -3,13 +3,17 @@
 Rules of this module: no I/O, no trio. The connection (the trio shell) calls :meth:`begin` when
 a subscribe starts (before it asks the broker what was missed, with the thread already routed
 here), :meth:`offer` for every live event of the thread, and :meth:`complete` with the broker's
-answer; it queues whatever these return, in order. Invariants:
+answer, or :meth:`abandon` when the broker refused it (the client then gets an error frame, not
+an ack); it queues whatever these return, in order. Invariants:
 
 - Every subscribe gets its own ack, and acks go out in the order the subscribes began, however
   their replays' fetches interleave or finish.
 - While any subscribe of a thread is in flight its live events are held, not sent; a later
   subscribe supersedes an earlier one: after the last ack the client sees the seqs that follow
   it (its replay, then live events), each once, without a gap.
+- A subscribe that is abandoned neither blocks the acks after it nor loses the events held for
+  it: with none left in flight the thread goes back to where its last ack left it, or is
+  forgotten (and must be unrouted) if it never had one.
 - An ack that says ``recovered: false`` replays nothing and names the seq just before the first
   event that follows it, so a resync never loses what arrives meanwhile.
 """
@@ -17,14 +21,19 @@ answer; it queues whatever these return, in order. Invariants:
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import TypeAlias
 
 import attrs
 
 from ._history import Recovery
 from ._protocol import subscribed_frame
 
-__all__ = ["HeldOverflow", "Subscriptions"]
+__all__ = ["HeldOverflow", "Release", "Subscriptions"]
+
+#: What to queue, in order: a plain str is a live event, a tuple is an ack and the events that
+#: must stay with it (its replay and, for the last subscribe in flight, the held events).
+Release: TypeAlias = list[str | tuple[str, ...]]
 
 
 class HeldOverflow(Exception):
@@ -35,6 +44,9 @@ class HeldOverflow(Exception):
 class _Thread:
     #: Last seq queued to the client; None while a subscribe is in flight.
     position: int | None = None
+    #: The seq the client's latest ack (plus the live events after it) left it at; None: the
+    #: thread has never been acked here. Restored if every subscribe in flight is abandoned.
+    acked_position: int | None = None
     #: Tickets of subscribes in flight, oldest first.
     pending: collections.deque[int] = attrs.Factory(collections.deque)
     #: ticket -> the broker's answer, kept until every earlier ticket has its answer too.
@@ -58,6 +70,10 @@ class Subscriptions:
     def __len__(self) -> int:
         return len(self._threads)
 
+    def __iter__(self) -> Iterator[str]:
+        """The thread ids, in the order they were first subscribed."""
+        return iter(self._threads)
+
     @property
     def threads(self) -> frozenset[str]:
         """The threads subscribed to (or being subscribed to)."""
@@ -76,6 +92,7 @@ class Subscriptions:
         elif not state.pending:
             # Live until now: hold from here; this subscribe's ack resets the position.
             state.held = []
+            state.acked_position = state.position
         self._tickets += 1
         state.pending.append(self._tickets)
         state.position = None
@@ -115,6 +132,38 @@ class Subscriptions:
         if state is None or ticket not in state.pending:
             return []
         state.answers[ticket] = recovery
+        return self._release(thread_id, state)
+
+    def abandon(self, thread_id: str, ticket: int) -> tuple[Release, bool]:
+        """The subscribe ``ticket`` failed (e.g. ``too_many_threads``): it gets no ack.
+
+        Returns:
+            (what to queue now: acks of later subscribes that only waited for this one, or,
+            with none left in flight, the held events that follow the thread's last ack;
+            whether the thread is forgotten and must be unrouted, because it was never acked).
+        """
+        state = self._threads.get(thread_id)
+        if state is None or ticket not in state.pending:
+            return [], False
+        state.pending.remove(ticket)
+        state.answers.pop(ticket, None)
+        if state.pending:
+            return list(self._release(thread_id, state)), False
+        if state.acked_position is None:
+            del self._threads[thread_id]
+            return [], True
+        position = state.acked_position
+        live: Release = []
+        for seq, frame in state.held:
+            if seq > position:
+                live.append(frame)
+                position = seq
+        state.held = []
+        state.position = position
+        return live, False
+
+    def _release(self, thread_id: str, state: _Thread) -> list[tuple[str, ...]]:
+        """Acks of the oldest subscribes in flight whose answers are all in, in order."""
         groups: list[tuple[str, ...]] = []
         while state.pending and state.pending[0] in state.answers:
             answer = state.answers.pop(state.pending.popleft())
@@ -136,6 +185,7 @@ class Subscriptions:
             thread_id, seq=position, epoch=recovery.epoch, recovered=recovery.recovered,
             active_runs=recovery.active_runs,
         )
+        state.acked_position = position
         if not last:
             return (ack, *recovery.frames)
         live: list[str] = []

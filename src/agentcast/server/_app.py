@@ -35,6 +35,7 @@ from ._admin import admin_refusal
 from ._auth import AuthError, Claims
 from ._front import HeadError, PrefixedStream, RequestHead, read_request_head, send_response
 from ._http_rules import ALLOW, LogLimiter, Refusal, Upgrade, decide_upgrade, stats_page
+from ._inbound import InboundGuard
 from ._keepalive import Keepalive
 from ._metrics import CONTENT_TYPE, Metrics
 from ._settings import ServerSettings
@@ -125,9 +126,13 @@ class Server:
             elif isinstance(decision, Upgrade):
                 accepted = await self._authorize(stream, head)
                 with trio.CancelScope() as refused:
-                    # trio-websocket parses the head again: the stream replays its bytes once;
+                    # trio-websocket parses the head again: the stream replays its bytes once,
+                    # over a guard that scans the frames that follow (limits below messages);
                     # should it still refuse the handshake, closing the stream cancels this.
-                    replay = PrefixedStream(stream, head.raw, on_refused=refused)
+                    replay = PrefixedStream(
+                        *InboundGuard.under(stream, head.raw, self.settings.core),
+                        on_refused=refused,
+                    )
                     # Not kept for the connection's lifetime: per idle connection, the parsed
                     # headers weigh as much as agentcast's own state.
                     del head
@@ -362,6 +367,17 @@ class Server:
         except TooManyConnections as exc:
             await self._refuse(stream, 429, "connection_limit", str(exc))
             return None
+        try:
+            # With Redis the limit holds over the cluster: claim the place there as well.
+            await self.manager.reserve_cluster_connection(session)
+        except TooManyConnections as exc:
+            slot.release()
+            await self._refuse(stream, 429, "connection_limit", str(exc))
+            return None
+        except BrokerUnavailable as exc:
+            slot.release()
+            await self._refuse(stream, 503, "backplane_unavailable", str(exc))
+            return None
         offered = [
             value.strip() for value in (head.header("sec-websocket-protocol") or "").split(",")
             if value.strip()
@@ -400,6 +416,9 @@ class Server:
                 )
             finally:
                 slot.release()
+            if isinstance(stream.inner, InboundGuard):
+                # Fragment floods, control-frame floods and RFC 6455 violations close it.
+                stream.inner.on_violation(connection.close)
             await self._recheck_revocation(connection, claims)
             watch = self.keepalive.watch(ws, connection)
             try:

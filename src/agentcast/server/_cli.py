@@ -29,7 +29,8 @@ from .._config import Config
 from .._errors import BrokerUnavailable
 from .._ids import check_id
 from .._protocol import CloseCode
-from .._redis_streams import StreamOps, redis_client
+from .._redis_broker import OUTAGE_GRACE
+from .._redis_streams import REDIS_TIMEOUT, StreamOps, redis_client
 from ._admin import check_admin_token
 from ._auth import DEFAULT_TTL, check_secret, issue_token
 from ._gc import DEFAULT_GC_THRESHOLD, tune_gc
@@ -61,6 +62,9 @@ def _env_flag(name: str) -> bool:
 
 #: Log levels ``--log-level`` accepts.
 LOG_LEVELS: Final = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+#: Shortest ``--heartbeat``, seconds: a data frame per connection more often than this is load,
+#: not keepalive.
+MIN_HEARTBEAT: Final = 1.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -166,6 +170,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--redis-url", default=_env("REDIS_URL"),
                      help="redis://HOST:PORT/DB: join the Redis backplane (AGENTCAST_REDIS_URL; "
                           "default: none, one in-memory node)")
+    run.add_argument("--redis-timeout",
+                     type=_number(float, "--redis-timeout", "REDIS_TIMEOUT", minimum=0.01),
+                     default=_env("REDIS_TIMEOUT", str(REDIS_TIMEOUT)),
+                     help="seconds any one Redis call may take; a frozen Redis makes /health "
+                          "not-ready within it (AGENTCAST_REDIS_TIMEOUT; default: %(default)s)")
+    run.add_argument("--redis-grace",
+                     type=_number(float, "--redis-grace", "REDIS_GRACE", minimum=0.0),
+                     default=_env("REDIS_GRACE", str(OUTAGE_GRACE)),
+                     help="seconds a frozen Redis may stay silent before connections are "
+                          "closed with 1012 (AGENTCAST_REDIS_GRACE; default: %(default)s)")
     run.add_argument("--workers", type=_number(int, "--workers", "WORKERS", minimum=1),
                      default=_env("WORKERS", "1"),
                      help="server processes sharing the port; more than 1 needs --redis-url "
@@ -184,6 +198,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--token-audience", default=_env("TOKEN_AUDIENCE"),
                      help="tokens must carry this aud claim (AGENTCAST_TOKEN_AUDIENCE); "
                           "without it an aud claim is not checked (default: none)")
+    run.add_argument("--heartbeat", metavar="SECONDS",
+                     type=_number(float, "--heartbeat", "HEARTBEAT", minimum=MIN_HEARTBEAT),
+                     default=_env("HEARTBEAT"),
+                     help="send a {\"type\":\"heartbeat\"} data frame on a connection idle "
+                          "this long, for proxies that ignore pings (AGENTCAST_HEARTBEAT; "
+                          "default: off)")
 
     token = commands.add_parser("token", help="print a signed token that serve accepts")
     token.add_argument("--user", required=True, help="the user id the token names (required)")
@@ -334,8 +354,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             admin_token=check_admin_token(args.admin_token or None),
             allowed_origins=tuple(args.allowed_origins), demo=args.demo,
             demo_speed=args.demo_speed, max_connections_per_user=args.max_connections_per_user,
-            core=attrs.evolve(Config(), max_message_bytes=args.max_message_bytes),
+            core=attrs.evolve(
+                Config(), max_message_bytes=args.max_message_bytes,
+                heartbeat_interval=args.heartbeat,
+            ),
             redis_url=args.redis_url or None, reuse_port=_env_flag("REUSE_PORT"),
+            redis_timeout=args.redis_timeout, redis_grace=args.redis_grace,
             token_issuer=args.token_issuer or None, token_audience=args.token_audience or None,
         )
         if args.workers > 1 and settings.redis_url is None:

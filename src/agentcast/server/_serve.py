@@ -110,7 +110,10 @@ async def serve(
         metrics = Metrics()
         inner: Broker = (
             InMemoryBroker(settings.core) if settings.redis_url is None
-            else RedisBroker(settings.redis_url, settings.core)
+            else RedisBroker(
+                settings.redis_url, settings.core, timeout=settings.redis_timeout,
+                outage_grace=settings.redis_grace,
+            )
         )
         broker = metrics.wrap(inner)
         async with open_manager(

@@ -4,8 +4,10 @@ Rules of this module: the parent does no serving. It picks the port (a free one 
 ``--port 0``), starts N copies of the same command with ``--workers 1`` and SO_REUSEPORT (the
 kernel spreads new connections over them), prints one ``agentcast listening on`` line once
 every worker is listening, forwards SIGTERM/SIGINT to them, and exits 0 once they have all
-drained and exited 0. A worker that dies on its own stops the others and the parent exits 1:
-restarting is the job of the process supervisor (systemd, Kubernetes), which sees it.
+drained and exited 0. A worker that cannot start as configured (exit status 2, e.g. a port in
+use) makes the parent exit 2 with the worker's one-line reason; a worker that dies on its own
+stops the others and the parent exits 1: restarting is the job of the process supervisor
+(systemd, Kubernetes), which sees it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ __all__ = ["run_workers"]
 POLL_INTERVAL: Final = 0.05
 #: Seconds workers may take to drain after a forwarded signal before they are killed.
 DRAIN_TIMEOUT: Final = 30.0
+#: Exit status of a worker (and so of the parent) that could not start as configured, e.g. a
+#: port in use: the same as ``agentcast serve`` without workers.
+USAGE_ERROR: Final = 2
 
 
 def _free_port(host: str) -> int:
@@ -70,9 +75,12 @@ def run_workers(argv: Sequence[str], workers: int, host: str, port: int) -> int:
             assert process.stdout is not None
             first = process.stdout.readline()
             if not first.startswith("agentcast listening on"):
-                print(f"agentcast serve: worker {index} failed to start", file=sys.stderr)
                 forward(signal.SIGTERM, None)
-                return _wait_all(processes) or 1
+                status = _wait_all(processes) or 1
+                if process.returncode == USAGE_ERROR:
+                    return USAGE_ERROR  # the worker has said why, in one line, on stderr
+                print(f"agentcast serve: worker {index} failed to start", file=sys.stderr)
+                return status
         print(f"agentcast listening on http://{host}:{port}", flush=True)
         print(f"agentcast: {workers} workers, pids "
               f"{' '.join(str(p.pid) for p in processes)}", flush=True)
