@@ -20,6 +20,7 @@ from ._errors import InvalidUserContext as InvalidUserContext
 from ._errors import ManagerNotReady as ManagerNotReady
 from ._errors import ManagerNotRunning as ManagerNotRunning
 from ._errors import RunEnded as RunEnded
+from ._errors import RunTooLarge as RunTooLarge
 from ._errors import SessionClosed as SessionClosed
 from ._errors import TooManyConnections as TooManyConnections
 from ._errors import TooManyRuns as TooManyRuns
@@ -38,6 +39,7 @@ from ._protocol import CloseCode as CloseCode
 from ._redis_broker import BackplaneStats as BackplaneStats
 from ._redis_broker import RedisBroker as RedisBroker
 from ._run import Run as Run
+from ._run_history import ActiveRun as ActiveRun
 from ._session import AgentFunction as AgentFunction
 from ._session import ConnectionSlot as ConnectionSlot
 from ._session import MessageHandler as MessageHandler

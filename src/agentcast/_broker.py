@@ -148,6 +148,10 @@ class InMemoryBroker:
       subscriptions hold streams in use, and both are capped).
     - Retained bytes over all streams: at most ``Config.max_retained_bytes``. Past it, the
       stream used least recently loses its oldest events first.
+    - Per stream: ``history_size`` events and ``history_bytes`` bytes, except that runs stay
+      whole while active and for ``history_ttl`` after they end, each within
+      ``max_run_bytes`` (``ThreadHistory``). The manager-wide cap above wins over run
+      retention: memory first; such a run's resume then answers ``recovered: false``.
     - Idle streams: forgotten ``history_ttl`` after their last use once nothing is retained,
       unless in use; live sessions' idle streams included.
     """
@@ -235,8 +239,10 @@ class InMemoryBroker:
                     f"user {user_id!r} already uses {limit} threads "
                     "(Config.max_threads_per_user); unsubscribe from one first"
                 )
+            config = self.config
             stream = self._streams[key] = ThreadHistory(
-                self.config.history_size, self.config.history_ttl
+                config.history_size, config.history_ttl, max_bytes=config.history_bytes,
+                max_run_bytes=config.max_run_bytes, compact=config.compact_text,
             )
         else:
             del self._last_used[key], self._user_threads[user_id][thread_id]
@@ -268,14 +274,21 @@ class InMemoryBroker:
         return self._sink
 
     async def publish(self, user_id: str, thread_id: str, event: AgentEvent) -> int:
-        """Assign the seq, retain and deliver, all without yielding."""
+        """Assign the seq, retain and deliver, all without yielding.
+
+        Raises:
+            RunTooLarge: the event's run would retain more than ``Config.max_run_bytes``
+                (nothing is published; a terminal event is never refused).
+        """
         sink = self._require_sink()
         now = trio.current_time()
         stream = self._stream(user_id, thread_id, now)
+        stream.admit(event)
         seq = stream.next_seq()
-        frame = encode_envelope(event, thread_id=thread_id, seq=seq, ts=time.time())
+        ts = time.time()
+        frame = encode_envelope(event, thread_id=thread_id, seq=seq, ts=ts)
         before = stream.retained_bytes
-        stream.append(seq, frame, now)
+        stream.append(seq, frame, now, event, ts)
         self._retained_bytes += stream.retained_bytes - before
         if self._retained_bytes > self.config.max_retained_bytes:
             self._trim(now)

@@ -24,8 +24,8 @@ import anyio
 import attrs
 
 from ._config import Config
-from ._errors import BrokerUnavailable, TooManyThreads
-from ._events import AgentEvent, encode_envelope
+from ._errors import AgentcastError, BrokerUnavailable, TooManyThreads
+from ._events import TERMINAL_TYPES, AgentEvent, EventType, encode_envelope
 from ._history import Recovery, new_epoch
 from ._latency import DeliveryLatency
 from ._presence import Presence
@@ -38,15 +38,19 @@ from ._redis_keys import (
     RECOVER_SCRIPT,
     REVOCATION_TTL,
     disconnect_message,
+    kept_key,
     meta_key,
     presence_key,
     revocation_key,
+    runinfo_key,
+    runs_key,
     split_envelope,
     stream_key,
     threads_key,
     user_channel,
     user_message,
 )
+from ._run_history import MAX_TRACKED_RUNS, ActiveRun, compact_frames, run_too_large
 
 if TYPE_CHECKING:
     import coredis
@@ -65,6 +69,25 @@ REDIS_TIMEOUT: Final = 2.0
 PIPELINE_MAX: Final = 256
 #: Most presence entries written at once by :meth:`StreamOps.heartbeat`.
 PRESENCE_BATCH: Final = 256
+#: Most events one recovery reads from a stream (a kept run may pass ``history_size``; its
+#: size is bounded by ``Config.max_run_bytes``, this bounds one script call's reply).
+REPLAY_MAX_EVENTS: Final = 200_000
+#: What the publish script answers for an event refused by ``Config.max_run_bytes``.
+REFUSED_TOO_LARGE: Final = -2
+
+
+def _run_kind(event: AgentEvent) -> int:
+    """The publish script's kind of ``event``: 1 agent_started, 2 terminal, 0 other."""
+    if event.type == EventType.AGENT_STARTED:
+        return 1
+    return 2 if event.type in TERMINAL_TYPES else 0
+
+
+def _seq_of(reply: Any, run_id: str | None, cap: int) -> int:
+    seq = int(reply)
+    if seq == REFUSED_TOO_LARGE:
+        raise run_too_large(run_id or "?", cap)
+    return seq
 
 
 # coredis is imported on first use, not with agentcast: it takes most of a second to import
@@ -169,9 +192,11 @@ class _Pending:
 
     keys: list[str]
     args: list[Any]
+    #: The event's run id, for a ``RunTooLarge`` message.
+    run_id: str | None = None
     done: anyio.Event = attrs.Factory(anyio.Event)
     seq: int | None = None
-    error: BrokerUnavailable | None = None
+    error: AgentcastError | None = None
 
 
 @attrs.define(eq=False)
@@ -227,28 +252,37 @@ class StreamOps:
     def _meta_ttl(self) -> int:
         return int(self.config.history_ttl) + META_GRACE
 
+    @property
+    def _ttl(self) -> int:
+        return max(1, int(self.config.history_ttl))
+
     async def publish(self, user_id: str, thread_id: str, event: AgentEvent) -> int:
         """Assign the next seq, append to the thread's stream and publish, in one script call.
 
         Raises:
             BrokerUnavailable: the call failed because Redis is unreachable.
+            RunTooLarge: the event's run would retain more than ``Config.max_run_bytes``
+                (counted in stored frame bytes; nothing was published).
         """
         prefix, suffix = split_envelope(event, thread_id, time.time())
         config = self.config
         args: list[Any] = [
-            prefix, suffix, config.history_size, max(1, int(config.history_ttl)),
+            prefix, suffix, config.history_size, self._ttl,
             new_epoch(), user_channel(user_id), thread_id, self._meta_ttl,
+            event.run_id or "", _run_kind(event), config.max_run_bytes, config.history_bytes,
         ]
         keys = [
-            meta_key(user_id, thread_id), stream_key(user_id, thread_id), threads_key(user_id)
+            meta_key(user_id, thread_id), stream_key(user_id, thread_id), threads_key(user_id),
+            runs_key(user_id, thread_id), kept_key(user_id, thread_id),
+            runinfo_key(user_id, thread_id),
         ]
         started = time.perf_counter()
         if self._wakeup is None:
             with redis_errors("publish", self.timeout):
-                seq = int(await self._publish(keys=keys, args=args))
+                reply = await self._publish(keys=keys, args=args)
             self.publish_latency.observe(time.perf_counter() - started)
-            return seq
-        pending = _Pending(keys, args)
+            return _seq_of(reply, event.run_id, config.max_run_bytes)
+        pending = _Pending(keys, args, event.run_id)
         self._queue.append(pending)
         self._wakeup.set()
         with anyio.move_on_after(self.timeout):
@@ -335,8 +369,12 @@ class StreamOps:
         sha = self._publish.sha
         async with (self.pipeline_client or self.client).pipeline(transaction=False) as pipe:
             replies = [pipe.evalsha(sha, keys=p.keys, args=p.args) for p in batch]
+        cap = self.config.max_run_bytes
         for pending, reply in zip(batch, replies, strict=True):
-            pending.seq = int(await reply)  # type: ignore[arg-type]
+            try:
+                pending.seq = _seq_of(await reply, pending.run_id, cap)
+            except AgentcastError as exc:  # RunTooLarge: that publish's own answer
+                pending.error = exc
 
     async def publish_user(self, user_id: str, event: AgentEvent) -> None:
         """Publish a live-only event on the user's channel."""
@@ -379,9 +417,12 @@ class StreamOps:
         """
         since = -1 if since_seq is None else since_seq
         limit = self.config.max_threads_per_user
-        args = [new_epoch(), since, self.config.history_size, self._meta_ttl, thread_id, limit]
+        args = [
+            new_epoch(), since, REPLAY_MAX_EVENTS, self._meta_ttl, thread_id, limit, self._ttl,
+        ]
         keys = [
-            meta_key(user_id, thread_id), stream_key(user_id, thread_id), threads_key(user_id)
+            meta_key(user_id, thread_id), stream_key(user_id, thread_id), threads_key(user_id),
+            runs_key(user_id, thread_id), runinfo_key(user_id, thread_id),
         ]
         with redis_errors("recovery", self.timeout):
             reply = await self._recover(keys=keys, args=args)
@@ -392,14 +433,25 @@ class StreamOps:
                 "without use"
             )
         current, latest, frames = str(reply[0]), int(reply[1]), [str(f) for f in reply[2]]
-        if since_seq is None or (epoch is not None and epoch != current):
-            return Recovery(False, current, latest, ())
+        flat = [str(item) for item in reply[3]][: 2 * MAX_TRACKED_RUNS]
+        active = tuple(
+            ActiveRun(flat[i], int(float(flat[i + 1]))) for i in range(0, len(flat), 2)
+        )
+        if since_seq is None or (epoch is not None and epoch != current) or (
+            epoch is None and since_seq > 0
+        ):
+            # No epoch: the seq may be another stream's (before a FLUSHALL, say): never trusted.
+            return Recovery(False, current, latest, (), active)
         # Entry ids are the seqs and trimming only removes the oldest, so as many entries as
         # seqs missed means every one of them is there.
         complete = since_seq == latest or (
             since_seq < latest and len(frames) == latest - since_seq
         )
-        return Recovery(complete, current, latest, frames if complete else ())
+        if not complete:
+            return Recovery(False, current, latest, (), active)
+        # Redis keeps one entry per delta; the replay compacts them as the in-memory one does.
+        replay = compact_frames(frames) if self.config.compact_text else frames
+        return Recovery(True, current, latest, replay, active)
 
     async def presence(self, user_id: str) -> Presence:
         """The user's connections over every node with a current heartbeat.
