@@ -25,16 +25,20 @@ from rich.console import Console
 from benchmarks import report
 from benchmarks.floods import floods
 from benchmarks.peers import PEERS
-from benchmarks.procs import running_peer
+from benchmarks.peers.centrifuge_peer import build as build_centrifuge
+from benchmarks.procs import Affinity, affinity_as, plan_affinity, running_peer, set_affinity
 from benchmarks.scaleout import scale_out
 from benchmarks.scenarios import FULL, QUICK, SCENARIOS
 
 #: Order scenarios run in against one server process: idle first, so its RSS is a clean base.
-ORDER = ["idle", "connect", "isolation", "burst", "steady", "slow-consumer", "floods",
-         "scale-out"]
+ORDER = ["idle", "connect", "isolation", "burst", "steady", "steady-lockstep", "slow-consumer",
+         "tokens", "floods", "scale-out"]
 #: Scenarios about agentcast alone (its own deployment options or limits), skipped for the
 #: other peers.
 AGENTCAST_ONLY = {"scale-out": scale_out, "floods": floods}
+#: Scenarios that run several server processes (and redis-server): never pinned, since pinning
+#: would put every worker on the server's cores (one core of two here).
+NOT_PINNED = {"scale-out"}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -44,6 +48,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes (CI smoke run)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     parser.add_argument("--peers", nargs="*", choices=list(PEERS), default=list(PEERS))
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="let the kernel place the server and the load generators (default: "
+                             "pinned to different cores where the machine has 2 or more)")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.scenarios) - set(ORDER))
     if unknown:
@@ -63,6 +70,8 @@ def meta(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "versions": {name: version(name) for name in packages},
         "mode": "quick" if args.quick else "full",
         "sizes": attrs.asdict(QUICK if args.quick else FULL),
+        "affinity": {**plan_affinity(sorted(os.sched_getaffinity(0)), args.pin).describe(),
+                     "not_pinned": sorted(NOT_PINNED)},
     }
 
 
@@ -70,6 +79,11 @@ async def run(args: argparse.Namespace, argv: list[str], console: Console) -> di
     sizes = QUICK if args.quick else FULL
     chosen = [name for name in ORDER if name in (args.scenarios or ORDER)]
     results: dict[str, Any] = {"meta": meta(args, argv), "peers": {}}
+    pinning = plan_affinity(sorted(os.sched_getaffinity(0)), args.pin)
+    set_affinity(pinning)
+    if "centrifuge" in args.peers:
+        console.log("building the centrifuge peer (Go, offline)")
+        await asyncio.to_thread(build_centrifuge)
     with console.status("starting") as status:
         for peer_name in args.peers:
             rows: dict[str, Any] = {}
@@ -83,7 +97,8 @@ async def run(args: argparse.Namespace, argv: list[str], console: Console) -> di
                     def progress(text: str, peer_name: str = peer_name) -> None:
                         status.update(f"[bold]{peer_name}[/]: {text}")
 
-                    rows[name] = await scenario(peer, sizes, progress)
+                    with affinity_as(Affinity() if name in NOT_PINNED else pinning):
+                        rows[name] = await scenario(peer, sizes, progress)
                     console.log(f"{peer_name} {name}: {_short(rows[name])}")
     return results
 

@@ -13,6 +13,11 @@ Run as ``python -m benchmarks.loadgen``; it talks to the orchestrator in JSON li
    them, then prints the result;
 4. prints ``{"closed": true}`` and exits (the runner times the server's teardown CPU apart).
 
+The ``centrifuge`` peer speaks Centrifuge's client protocol v1 JSON (commands with ids,
+newline-delimited replies and publication pushes): :class:`Client` connects, subscribes to the
+user's channel ``U/T`` and sends ``bench_burst`` as an RPC; every other peer gets the benchmark
+frames as they are.
+
 asyncio with the ``websockets`` client (no compression, like every peer) and orjson: the
 lightest client stack available here. It dies by SIGALRM after ``lifetime`` seconds at most.
 """
@@ -34,10 +39,14 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from benchmarks.protocol import token_schedule, token_seed
 from benchmarks.stats import Histogram, StreamCheck, Tally
 
 #: Receive buffer of the client that stops reading, so the server's buffers fill quickly.
 SLOW_RCVBUF = 4096
+#: Centrifuge protocol v1 command ids and methods used here (protocol.MethodType).
+CF_CONNECT_ID, CF_SUBSCRIBE_ID, CF_RPC_ID = 1, 2, 3
+CF_SUBSCRIBE, CF_RPC = 1, 9
 
 
 class Client:
@@ -53,15 +62,17 @@ class Client:
 
     def _uri(self) -> str:
         port = self.spec["port"]
-        if self.peer == "agentcast":
+        if self.peer.startswith("agentcast"):  # agentcast, agentcast-asgi
             return f"ws://127.0.0.1:{port}/ws"
         if self.peer == "socketio":
             return f"ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket"
+        if self.peer == "centrifuge":
+            return f"ws://127.0.0.1:{port}/connection/websocket?user={self.user}"
         return f"ws://127.0.0.1:{port}/?user={self.user}"
 
     async def open(self) -> None:
         kwargs: dict[str, Any] = {"compression": None, "ping_interval": None, "open_timeout": 60}
-        if self.peer == "agentcast":
+        if self.peer.startswith("agentcast"):  # agentcast, agentcast-asgi
             token = self.spec["tokens"][self.user]
             kwargs["subprotocols"] = ["agentcast.ndjson", f"bearer.{token}"]
         if self.slow:
@@ -76,18 +87,31 @@ class Client:
             await self.ws.send("40" + json.dumps({"user": self.user}))
             while not str(await self.ws.recv()).startswith("40"):  # Socket.IO connect ack
                 pass
+        if self.peer == "centrifuge":
+            await self.ws.send(json.dumps({"id": CF_CONNECT_ID, "params": {}}))
+            reply = orjson.loads(str(await self.ws.recv()).split("\n", 1)[0])
+            if reply.get("id") != CF_CONNECT_ID or "error" in reply:
+                raise ValueError(f"centrifuge connect refused: {reply}")
 
     async def send(self, frame: dict[str, Any]) -> None:
         assert self.ws is not None
         if self.peer == "socketio":
             await self.ws.send("42" + json.dumps([frame["type"], frame]))
+        elif self.peer == "centrifuge":
+            if frame["type"] == "subscribe":
+                command = {"id": CF_SUBSCRIBE_ID, "method": CF_SUBSCRIBE,
+                           "params": {"channel": f"{self.user}/{frame['thread_id']}"}}
+            else:
+                command = {"id": CF_RPC_ID, "method": CF_RPC,
+                           "params": {"method": frame["type"], "data": frame}}
+            await self.ws.send(json.dumps(command))
         else:
             await self.ws.send(json.dumps(frame))
 
     def frames(self, message: str | bytes) -> list[Any]:
         """The JSON frames in one WebSocket message (NDJSON batch, Socket.IO packet or plain)."""
         text = message.decode() if isinstance(message, bytes) else message
-        if self.peer == "agentcast":
+        if self.peer.startswith("agentcast"):  # agentcast, agentcast-asgi
             return [orjson.loads(line) for line in text.split("\n")]
         if self.peer == "socketio":
             if text.startswith("42"):
@@ -95,7 +119,23 @@ class Client:
             if text == "2" and self.ws is not None:  # Engine.IO ping
                 asyncio.ensure_future(self.ws.send("3"))  # noqa: RUF006 - fire and forget
             return []
+        if self.peer == "centrifuge":
+            return [frame for line in text.split("\n") if line
+                    for frame in _centrifuge_frame(orjson.loads(line))]
         return [orjson.loads(text)]
+
+
+def _centrifuge_frame(reply: dict[str, Any]) -> list[Any]:
+    """The benchmark frame in one Centrifuge v1 reply: the subscribe reply becomes
+    ``subscribed``, a publication push its payload (the event); the rest carries none."""
+    if "id" in reply:
+        if reply["id"] == CF_SUBSCRIBE_ID and "error" not in reply:
+            return [{"type": "subscribed"}]
+        return []
+    push = reply.get("result") or {}
+    if push.get("type", 0) != 0:  # 0, omitted: a publication
+        return []
+    return [(push.get("data") or {}).get("data")]
 
 
 class Run:
@@ -113,7 +153,17 @@ class Run:
         self.all_in = asyncio.Event()
         drive = spec.get("drive") or {}
         self.expected = int(drive.get("count", 0))
-        self.expected_total = self.expected * sum(1 for c in self.clients if not c.slow)
+        #: tokens: each user's own stream (``token_seconds``), the same in every peer's run.
+        self.schedules = {
+            user: token_schedule(token_seed(user, drive["seed"]), drive["token_seconds"])
+            for user in spec["users"]
+        } if "token_seconds" in drive else {}
+        self.expected_total = sum(self.expected_for(c.user) for c in self.clients if not c.slow)
+
+    def expected_for(self, user: str) -> int:
+        """Events each connection of ``user`` should receive."""
+        schedule = self.schedules.get(user)
+        return self.expected if schedule is None else len(schedule)
 
     async def open_all(self) -> dict[str, Any]:
         limit = asyncio.Semaphore(self.spec.get("concurrency", 200))
@@ -191,7 +241,20 @@ class Run:
             if not client.slow:
                 drivers.setdefault(client.user, client)
         frame = {"type": "bench_burst", "thread_id": self.spec["thread"], **drive}
-        await asyncio.gather(*(c.send(frame) for c in drivers.values()))
+        phases: dict[str, float] = drive.get("phases") or {}
+        frame.pop("phases", None)
+
+        async def start(client: Client) -> None:
+            # Staggered steady: each user's emission starts at its own phase of the period.
+            if phases.get(client.user):
+                await asyncio.sleep(phases[client.user])
+            schedule = self.schedules.get(client.user)
+            if schedule is None:
+                await client.send(frame)
+            else:
+                await client.send({**frame, "schedule": schedule, "count": len(schedule)})
+
+        await asyncio.gather(*(start(c) for c in drivers.values()))
         deadline = wall0 + self.spec.get("deadline", 60)
         quiet = self.spec.get("quiet", 3.0)
         while not self.all_in.is_set():
@@ -210,7 +273,7 @@ class Run:
             if client.slow:
                 slow = await self.slow_outcome(client)
             else:
-                tally.add_stream(client.check, self.expected)
+                tally.add_stream(client.check, self.expected_for(client.user))
         return {
             "tally": {f: getattr(tally, f) for f in ("delivered", "losses", "duplicates",
                                                      "order_violations", "cross_user")},

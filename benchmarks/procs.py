@@ -2,15 +2,21 @@
 
 Every child is started with a lifetime bound of its own (SIGALRM) and is terminated, then killed,
 when the block that started it exits, so nothing outlives the run.
+
+Where the machine allows, the peer and the load generators run on different cores
+(:func:`plan_affinity`, applied with ``os.sched_setaffinity`` in the child before it execs), so
+a busy server does not starve the clients that stamp arrivals; :func:`set_affinity` chooses it
+for the whole run (``--no-pin`` turns it off) and :func:`affinity_as` for one scenario.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any, Final
 
@@ -24,6 +30,57 @@ START_TIMEOUT: Final = 30.0
 #: Seconds between SIGTERM and SIGKILL when stopping a child.
 STOP_GRACE: Final = 3.0
 ROOT: Final = Path(__file__).resolve().parent.parent
+
+
+@attrs.frozen
+class Affinity:
+    """Cores the peer and the load generators may run on (None: wherever the kernel likes)."""
+
+    server: tuple[int, ...] | None = None
+    loadgens: tuple[int, ...] | None = None
+
+    def describe(self) -> dict[str, list[int] | None]:
+        return {
+            "server": None if self.server is None else list(self.server),
+            "loadgens": None if self.loadgens is None else list(self.loadgens),
+        }
+
+
+def plan_affinity(cores: Sequence[int], pin: bool) -> Affinity:
+    """Split the usable ``cores``: the first half for the server, the rest for the load
+    generators. No pinning when asked not to or with a single core."""
+    ordered = sorted(cores)
+    if not pin or len(ordered) < 2:
+        return Affinity()
+    half = len(ordered) // 2
+    return Affinity(tuple(ordered[:half]), tuple(ordered[half:]))
+
+
+_affinity = Affinity()
+
+
+def set_affinity(affinity: Affinity) -> None:
+    """Use ``affinity`` for every peer and load generator started from now on."""
+    global _affinity  # noqa: PLW0603 - one setting for the whole run, chosen by the runner
+    _affinity = affinity
+
+
+@contextmanager
+def affinity_as(affinity: Affinity) -> Iterator[None]:
+    """Use ``affinity`` inside the block, then the run's setting again."""
+    previous = _affinity
+    set_affinity(affinity)
+    try:
+        yield
+    finally:
+        set_affinity(previous)
+
+
+def _pinned(cores: tuple[int, ...] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that pins the child (and so every thread it starts) to ``cores``."""
+    if cores is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cores)
 
 
 async def _stop(proc: asyncio.subprocess.Process) -> None:
@@ -85,6 +142,7 @@ async def running_peer(
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", PEERS[name], "--lifetime", str(lifetime), *extra_args,
         stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL, cwd=ROOT,
+        preexec_fn=_pinned(_affinity.server),
     )
     try:
         assert proc.stdout is not None
@@ -127,6 +185,7 @@ async def running_loadgens(specs: list[dict[str, Any]]) -> AsyncIterator[list[Lo
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "benchmarks.loadgen",
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=ROOT,
+                preexec_fn=_pinned(_affinity.loadgens),
             )
             gen = LoadGen(proc)
             gens.append(gen)

@@ -14,7 +14,13 @@ from typing import Any
 COLUMNS: dict[str, list[str]] = {
     "burst": ["connections", "events_per_s", "server_cpu_us_per_event", "p50", "p99", "losses",
               "duplicates", "order_violations", "loadgen_cpu_share"],
-    "steady": ["offered_per_s", "events_per_s", "p50", "p99", "p999", "losses", "sustained"],
+    "steady": ["offered_per_s", "events_per_s", "server_cpu_us_per_event", "p50", "p99", "p999",
+               "losses", "burst_deliveries", "loadgen_cpu_share", "sustained"],
+    "steady-lockstep": ["offered_per_s", "events_per_s", "server_cpu_us_per_event", "p50", "p99",
+                        "p999", "losses", "burst_deliveries", "loadgen_cpu_share", "sustained"],
+    "tokens": ["connections", "offered_per_s", "events_per_s", "server_cpu_us_per_event",
+               "server_cpu_share", "p50", "p99", "p999", "losses", "duplicates",
+               "order_violations", "cross_user", "loadgen_cores_used", "sustained"],
     "idle": ["connections", "kb_per_connection", "rss_connected_mb", "connect_failures"],
     "connect": ["connections", "handshakes_per_s", "handshake_p99_ms", "failures"],
     "slow-consumer": ["offered_per_s", "p99_undisturbed", "p99_with_slow", "p99_ratio",
@@ -130,6 +136,7 @@ def verdicts(results: dict[str, Any]) -> list[str]:
             f"{row['p99_flooded']} ms vs {row['p99_undisturbed']} ms undisturbed ({ratio}x, "
             f"target ≤ 1.2x); flooders closed with {row['flood_close_codes'] or 'nothing'}"
         )
+    lines += token_verdicts(results)
     iso = ours.get("isolation")
     if iso:
         lines.append(f"isolation: {'MET' if iso['cross_user'] == 0 else 'MISSED'} — "
@@ -137,21 +144,120 @@ def verdicts(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def token_verdicts(results: dict[str, Any]) -> list[str]:
+    """Issue 12's per-delivery target in ``tokens``: agentcast's server CPU per delivery at most
+    the ``websockets`` peer's, per level; and each peer's highest level sustained."""
+    peers = results["peers"]
+    lines: list[str] = []
+    theirs = {r["connections"]: r for r in rows_of(peers.get("websockets", {}).get("tokens"))}
+    for mine in rows_of(peers.get("agentcast", {}).get("tokens")):
+        other = theirs.get(mine["connections"])
+        a = mine["server_cpu_us_per_event"]
+        b = None if other is None else other["server_cpu_us_per_event"]
+        # Past saturation a backlog batches, so CPU per delivery there flatters: only a level
+        # agentcast sustained can meet the target.
+        ok = (a is not None and b is not None and a <= b and not mine["losses"]
+              and bool(mine.get("sustained")))
+        held = "" if mine.get("sustained") else " (not sustained)"
+        lines.append(
+            f"tokens {mine['connections']} conns: {'MET' if ok else 'MISSED'} — agentcast {a} "
+            f"µs of server CPU per delivery vs websockets {b} (target ≤ websockets'); p50/p99/"
+            f"p999 {mine['p50']}/{mine['p99']}/{mine['p999']} ms; offered "
+            f"{mine['offered_per_s']}/s, delivered {mine['events_per_s']}/s{held}"
+        )
+    sustained = {peer: tokens_sustained(rows_of(s.get("tokens"))) for peer, s in peers.items()
+                 if s.get("tokens")}
+    if sustained:
+        lines.append("tokens, highest load sustained (deliveries/s): " + ", ".join(
+            f"{peer} {value}" for peer, value in sustained.items()))
+    return lines
+
+
+def issue12_verdicts(results: dict[str, Any], status: str = "") -> list[str]:
+    """Issue 12's server targets, each MET or MISSED with the figures of this run.
+
+    ``status`` is appended to every verdict (e.g. "server work not yet addressed"), so a run
+    taken before the server work says so next to each figure.
+    """
+    peers = results["peers"]
+    ours, ws = peers.get("agentcast", {}), peers.get("websockets", {})
+    note = f" ({status})" if status else ""
+    lines: list[str] = []
+
+    def verdict(ok: bool) -> str:
+        return ("MET" if ok else "MISSED") + note
+
+    theirs = {r["offered_per_s"]: r for r in rows_of(ws.get("steady")) if r.get("sustained")}
+    pairs = [(r, theirs[r["offered_per_s"]]) for r in rows_of(ours.get("steady"))
+             if r.get("sustained") and r["offered_per_s"] in theirs]
+    if pairs:
+        cpu = "server_cpu_us_per_event"
+        worse = [a["offered_per_s"] for a, b in pairs if (a.get(cpu) or 0) > (b.get(cpu) or 0)]
+        figures = ", ".join(f"{a['offered_per_s']}/s {a.get('server_cpu_us_per_event')} vs "
+                            f"{b.get('server_cpu_us_per_event')}" for a, b in pairs)
+        lines.append(f"steady CPU per delivery ≤ websockets': {verdict(not worse)} — µs "
+                     f"agentcast vs websockets: {figures}")
+    lines += [line.replace("MET", verdict(True)).replace("MISSED", verdict(False))
+              for line in token_verdicts(results) if line.startswith("tokens ") and "conns" in line]
+    mine = {r["offered_per_s"]: r for r in rows_of(ours.get("steady")) if r.get("sustained")}
+    if mine:
+        worse = []
+        for peer, scenarios in peers.items():
+            if peer == "agentcast":
+                continue
+            for row in rows_of(scenarios.get("steady")):
+                a = mine.get(row["offered_per_s"])
+                if a is None or not row.get("sustained"):
+                    continue
+                if (a["p50"] or 0) > (row["p50"] or 0) or (a["p99"] or 0) > (row["p99"] or 0):
+                    worse.append(f"{peer}@{row['offered_per_s']}")
+        lines.append(f"steady p50 and p99 ≤ every peer's at every level both sustain: "
+                     f"{verdict(not worse)} — agentcast higher against: "
+                     f"{', '.join(worse) or 'none'}")
+    if ours.get("steady") and ws.get("steady"):
+        sat_a, all_a = saturation(rows_of(ours.get("steady")))
+        sat_b, _ = saturation(rows_of(ws.get("steady")))
+        lines.append(f"steady saturation ≥ 2x websockets': {verdict(sat_a >= 2 * sat_b > 0)} — "
+                     f"agentcast {'≥ ' if all_a else ''}{sat_a}/s vs websockets {sat_b}/s")
+    idle = {peer: (s.get("idle") or {}).get("kb_per_connection") for peer, s in peers.items()}
+    if idle.get("agentcast") is not None:
+        kb, cf = idle["agentcast"], idle.get("centrifuge")
+        ok = kb <= 20 and (cf is None or kb < cf)
+        lines.append(f"idle ≤ 20 KB per connection, below centrifuge's: {verdict(ok)} — "
+                     f"agentcast {kb} KB, centrifuge {cf}, websockets {idle.get('websockets')}")
+    hs = {peer: (s.get("connect") or {}).get("handshakes_per_s") for peer, s in peers.items()}
+    if hs.get("agentcast") is not None and hs.get("websockets") is not None:
+        lines.append(f"handshakes/s ≥ websockets': {verdict(hs['agentcast'] >= hs['websockets'])}"
+                     f" — agentcast {hs['agentcast']}/s vs websockets {hs['websockets']}/s")
+    if ours:
+        failures = [f for f in integrity_failures({"peers": {"agentcast": ours}})]
+        lines.append(f"no integrity regression (losses, duplicates, order, cross-user): "
+                     f"{'MET' if not failures else 'MISSED'} — {', '.join(failures) or 'all 0'}")
+    return lines
+
+
+def tokens_sustained(rows: list[dict[str, Any]]) -> int:
+    """Highest offered deliveries/s of a sustained ``tokens`` level (0 when none held)."""
+    return max((r["offered_per_s"] for r in rows if r.get("sustained")), default=0)
+
+
 def integrity_failures(results: dict[str, Any]) -> list[str]:
     """Losses, duplicates, order violations or cross-user deliveries where they must be 0.
 
-    Every peer: burst, isolation and sustained steady levels (TCP and an awaited send lose
-    nothing). agentcast also: the other clients in slow-consumer.
+    Every peer: burst, isolation and the sustained levels of steady, steady-lockstep and tokens
+    (TCP and an awaited send lose nothing). agentcast also: the other clients in slow-consumer.
     """
     found = []
     keys = ("losses", "duplicates", "order_violations", "cross_user")
     for peer, scenarios in results["peers"].items():
         checked = rows_of(scenarios.get("burst")) + rows_of(scenarios.get("isolation"))
         checked += rows_of(scenarios.get("scale-out")) + rows_of(scenarios.get("floods"))
-        checked += [r for r in rows_of(scenarios.get("steady")) if r.get("sustained")]
+        paced = [r for name in ("steady", "steady-lockstep", "tokens")
+                 for r in rows_of(scenarios.get(name))]
+        checked += [r for r in paced if r.get("sustained")]
         for row in checked:
             found += [f"{peer}: {key}={row[key]}" for key in keys if row.get(key)]
-        for row in rows_of(scenarios.get("steady")):
+        for row in paced:
             found += [f"{peer}: {key}={row[key]}" for key in keys[1:] if row.get(key)]
         slow = scenarios.get("slow-consumer")
         if slow:
@@ -169,13 +275,15 @@ def integrity_failures(results: dict[str, Any]) -> list[str]:
 def headline_table(results: dict[str, Any]) -> str:
     """One row per peer with the figure that matters most from each scenario."""
     head = ["peer", "burst µs/event (conns)", "burst events/s", "steady max sustained/s",
-            "idle KB/conn", "handshakes/s", "slow-consumer p99 ratio", "cross-user"]
+            "idle KB/conn", "handshakes/s", "slow-consumer p99 ratio", "cross-user",
+            "tokens µs/delivery (conns)", "tokens max sustained/s"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for peer, scenarios in results["peers"].items():
         bursts = rows_of(scenarios.get("burst"))
         steady = rows_of(scenarios.get("steady"))
         slow = scenarios.get("slow-consumer") or {}
         iso = scenarios.get("isolation") or {}
+        toks = rows_of(scenarios.get("tokens"))
         cells = [
             peer,
             ", ".join(
@@ -187,6 +295,9 @@ def headline_table(results: dict[str, Any]) -> str:
             _cell((scenarios.get("connect") or {}).get("handshakes_per_s")),
             _cell(slow.get("p99_ratio")),
             _cell(iso.get("cross_user")),
+            ", ".join(f"{_cell(r['server_cpu_us_per_event'])} ({r['connections']})"
+                      for r in toks) or "-",
+            _cell(tokens_sustained(toks)) if toks else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -199,7 +310,11 @@ def markdown(results: dict[str, Any]) -> str:
         f"`{meta['command']}` on {meta['machine']} — {meta['date']}", "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
         "## Headline", "", headline_table(results), "",
-        "## Verdicts (issue 4 targets)", "", *[f"- {line}" for line in verdicts(results)], "",
+        "Affinity: " + _affinity(meta.get("affinity")), "",
+        "## Verdicts (issue 4 targets; issue 12 tokens)", "",
+        *[f"- {line}" for line in verdicts(results)], "",
+        "## Issue 12 server targets", "",
+        *[f"- {line}" for line in issue12_verdicts(results)], "",
     ]
     for scenario in COLUMNS:
         if any(scenario in s for s in results["peers"].values()):
@@ -209,8 +324,15 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _affinity(affinity: dict[str, Any] | None) -> str:
+    if not affinity or affinity.get("server") is None:
+        return "not pinned (the kernel placed the server and the load generators)"
+    return (f"server pinned to cores {affinity['server']}, load generators to "
+            f"{affinity['loadgens']} (os.sched_setaffinity)")
+
+
 def plots(results: dict[str, Any], out: Path) -> list[Path]:
-    """latency_vs_load.png, cpu_per_event.png, memory_per_connection.png."""
+    """latency_vs_load.png, cpu_per_event.png, memory_per_connection.png, tokens.png."""
     import matplotlib  # noqa: PLC0415 - heavy; only when writing plots
 
     matplotlib.use("Agg")
@@ -252,7 +374,33 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
     ax.set(ylabel="server RSS KB per idle connection", title="idle: memory per connection")
     ax.legend()
     written.append(_save(fig, out / "memory_per_connection.png"))
+    written.append(_tokens_plot(peers, out / "tokens.png"))
     return written
+
+
+def _tokens_plot(peers: dict[str, Any], path: Path) -> Path:
+    """tokens: p99 latency and server CPU per delivery against connections, per peer."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5))
+    for peer, scenarios in peers.items():
+        rows = [r for r in rows_of(scenarios.get("tokens")) if r.get("p99") is not None]
+        if rows:
+            conns = [r["connections"] for r in rows]
+            (line,) = left.plot(conns, [r["p99"] for r in rows], "o-", label=f"{peer} p99")
+            left.plot(conns, [r["p50"] for r in rows], ":", color=line.get_color(),
+                      label=f"{peer} p50")
+            right.plot(conns, [r["server_cpu_us_per_event"] or 0 for r in rows], "o-",
+                       color=line.get_color(), label=peer)
+    left.set(xscale="log", yscale="log", xlabel="connections (one token stream each)",
+             ylabel="latency (ms)", title="tokens: latency")
+    right.set(xscale="log", yscale="log", xlabel="connections",
+              ylabel="server CPU µs per delivery",
+              title="tokens: CPU per delivery")
+    for ax in (left, right):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return _save(fig, path)
 
 
 def _save(fig: Any, path: Path) -> Path:

@@ -1,8 +1,14 @@
-"""The six scenarios of issue 4; each runs against one live peer and returns one row (a dict).
+"""The scenarios of issues 4 and 12; each runs against one live peer and returns one row (a dict).
 
 Sizes come from :class:`Sizes` (``QUICK`` for the CI smoke run, ``FULL`` for the committed
 results). Every scenario uses thread names shared by all users (``t1``), so every scenario also
 counts cross-user deliveries; ``isolation`` does it with many users at once.
+
+``steady`` staggers each user's phase over the pacing period, so the offered rate is a smooth
+stream; ``steady-lockstep`` keeps every user on the same frame (what ``steady`` measured before
+issue 12: a burst of every connection at once, reported as ``burst_deliveries``). ``tokens`` is
+the agent-chat load: one connection per user, each receiving its own jittered stream of small
+``agent_text`` events at 20-50/s (:func:`benchmarks.protocol.token_schedule`).
 """
 
 from __future__ import annotations
@@ -18,11 +24,16 @@ import attrs
 from agentcast.server import issue_token
 from benchmarks.peers import BENCH_SECRET
 from benchmarks.procs import Peer, running_loadgens
+from benchmarks.protocol import TOKEN_EVENT_TYPE, stagger, token_schedule, token_seed
 from benchmarks.stats import Histogram, Tally, percentiles_ms
 
 #: Event size on the wire (bytes), as in the issue's planning figures.
 EVENT_SIZE: Final = 200
 THREAD: Final = "t1"
+#: Size on the wire of a ``tokens`` event (an ``agent_text`` delta of a few words).
+TOKEN_EVENT_SIZE: Final = 180
+#: Seed of the ``tokens`` streams: every peer is offered the same ones.
+TOKEN_SEED: Final = 12
 
 
 @attrs.frozen
@@ -52,6 +63,9 @@ class Sizes:
     #: scale-out: offered deliveries/s of its paced latency load, and its seconds.
     scale_rate: int
     scale_seconds: float
+    #: tokens: connections (one user each) per level, and each level's seconds of streaming.
+    tokens_connections: tuple[int, ...] = (50,)
+    tokens_seconds: float = 1.0
 
 
 QUICK: Final = Sizes(
@@ -59,6 +73,7 @@ QUICK: Final = Sizes(
     bursts=((5, 4, 200),), steady_users=10, steady_tabs=2, steady_levels=(400, 2000),
     steady_seconds=1.0, slow=(4, 2, 300, 2.0), slow_rounds=1, loadgen_processes=1,
     idle_hold=0.5, scale_burst=(4, 2, 50), scale_rate=200, scale_seconds=1.5,
+    tokens_connections=(50,), tokens_seconds=1.0,
 )
 FULL: Final = Sizes(
     idle_connections=3000, connect_connections=1000, isolation_users=200, isolation_events=100,
@@ -66,6 +81,7 @@ FULL: Final = Sizes(
     steady_levels=(500, 1000, 2500, 5000, 10000, 20000, 40000, 80000), steady_seconds=5.0,
     slow=(10, 4, 50, 8.0), slow_rounds=3, loadgen_processes=2, idle_hold=2.0,
     scale_burst=(50, 4, 200), scale_rate=4000, scale_seconds=5.0,
+    tokens_connections=(300, 1000, 3000), tokens_seconds=5.0,
 )
 
 Progress = Callable[[str], None]
@@ -86,8 +102,8 @@ async def run_load(
     groups = [group for group in groups if group]
     specs = [
         {"peer": peer.name, "port": peer.port, "users": group,
-         "tokens": {u: issue_token(BENCH_SECRET, u) for u in group} if peer.name == "agentcast"
-         else {},
+         "tokens": {u: issue_token(BENCH_SECRET, u) for u in group}
+         if peer.name.startswith("agentcast") else {},
          "tabs": tabs, "thread": thread, "drive": drive, "concurrency": concurrency,
          "slow_user": slow_user if index == 0 else None, "deadline": deadline, "quiet": quiet,
          "lifetime": int(deadline + 300)}
@@ -160,6 +176,9 @@ def _throughput(load: dict[str, Any], processes: int) -> dict[str, Any]:
         # Closing the connections afterwards, apart: it is not delivery work.
         "teardown_cpu_s": round(load["teardown_cpu"], 3),
         "loadgen_cpu_share": round(load["loadgen_cpu"] / wall / processes, 2),
+        # Cores the load generators used together: near the cores they have (1 when pinned on
+        # 2 cores), the clients, not the server, set the arrival stamps.
+        "loadgen_cores_used": round(load["loadgen_cpu"] / wall, 2),
         **load["latency_ms"], **load["tally"],
     }
 
@@ -230,22 +249,68 @@ def sustained(row: dict[str, Any]) -> bool:
 
 
 async def steady(peer: Peer, sizes: Sizes, progress: Progress) -> list[dict[str, Any]]:
+    """Paced load at rising offered rates, each user's emission at its own phase."""
+    return await _steady(peer, sizes, progress, staggered=True)
+
+
+async def steady_lockstep(
+    peer: Peer, sizes: Sizes, progress: Progress
+) -> list[dict[str, Any]]:
+    """``steady`` with every user's pacing on the same frame: bursts of every connection."""
+    return await _steady(peer, sizes, progress, staggered=False)
+
+
+async def _steady(
+    peer: Peer, sizes: Sizes, progress: Progress, *, staggered: bool
+) -> list[dict[str, Any]]:
     rows = []
     users, tabs = sizes.steady_users, sizes.steady_tabs
+    name = "steady" if staggered else "steady-lockstep"
     for level in sizes.steady_levels:
-        progress(f"steady: {level} deliveries/s offered")
+        progress(f"{name}: {level} deliveries/s offered")
         rate = level / (users * tabs)
         count = max(1, int(rate * sizes.steady_seconds))
-        drive = {"count": count, "size": EVENT_SIZE, "rate": rate}
+        tag = f"{'steady' if staggered else 'lock'}{level}"
+        drive: dict[str, Any] = {"count": count, "size": EVENT_SIZE, "rate": rate}
+        if staggered:
+            drive["phases"] = stagger(users_of(tag, users), rate)
         load = await run_load(
-            peer, users_of(f"steady{level}", users), tabs, processes=sizes.loadgen_processes,
+            peer, users_of(tag, users), tabs, processes=sizes.loadgen_processes,
             drive=drive, deadline=sizes.steady_seconds + 4, quiet=1.5,
         )
         row = {"offered_per_s": level, **_throughput(load, sizes.loadgen_processes)}
+        # Deliveries the server is asked to make at one instant: a user's tabs when
+        # staggered, every connection in lockstep.
+        row["burst_deliveries"] = tabs if staggered else users * tabs
         row["sustained"] = sustained(row)
         rows.append(row)
         if not row["sustained"]:
             break
+    return rows
+
+
+async def tokens(peer: Peer, sizes: Sizes, progress: Progress) -> list[dict[str, Any]]:
+    """The agent-chat load: many users, each a jittered token stream of small events.
+
+    Every level runs (the issue asks for 1 000 and 3 000 connections even where a peer does not
+    sustain them); ``sustained`` marks the levels that held.
+    """
+    rows = []
+    seconds = sizes.tokens_seconds
+    for connections in sizes.tokens_connections:
+        progress(f"tokens: {connections} users streaming tokens")
+        users = users_of(f"tok{connections}", connections)
+        offered = sum(len(token_schedule(token_seed(u, TOKEN_SEED), seconds)) for u in users)
+        drive = {"count": 0, "size": TOKEN_EVENT_SIZE, "rate": 0, "event": TOKEN_EVENT_TYPE,
+                 "token_seconds": seconds, "seed": TOKEN_SEED}
+        load = await run_load(
+            peer, users, 1, processes=sizes.loadgen_processes, drive=drive,
+            deadline=seconds + 6, quiet=2.0, concurrency=100,
+        )
+        row = {"connections": connections, "offered_per_s": round(offered / seconds),
+               **_throughput(load, sizes.loadgen_processes)}
+        row["sustained"] = sustained(row)
+        rows.append(row)
     return rows
 
 
@@ -308,7 +373,8 @@ async def slow_consumer(peer: Peer, sizes: Sizes, progress: Progress) -> dict[st
 
 SCENARIOS: Final = {
     "idle": idle, "connect": connect, "isolation": isolation, "burst": burst,
-    "steady": steady, "slow-consumer": slow_consumer,
+    "steady": steady, "steady-lockstep": steady_lockstep, "slow-consumer": slow_consumer,
+    "tokens": tokens,
 }
 
 

@@ -1,5 +1,7 @@
 """Embed agentcast in a trio-websocket server; run it, then connect to ws://127.0.0.1:8765/?user=alice"""
 
+import sys
+
 import trio
 from trio_websocket import WebSocketRequest, serve_websocket
 
@@ -25,9 +27,14 @@ async def handler(request: WebSocketRequest) -> None:
 
 
 async def main(port=8765, *, task_status=trio.TASK_STATUS_IGNORED):
-    async with agentcast.open_manager(message_handler=on_message):
-        await serve_websocket(handler, "127.0.0.1", port, None, task_status=task_status)
+    async with agentcast.open_manager(message_handler=on_message), trio.open_nursery() as nursery:
+        server = await nursery.start(serve_websocket, handler, "127.0.0.1", port, None)
+        print(f"listening on ws://127.0.0.1:{server.port}/?user=alice (Ctrl-C stops)", flush=True)
+        task_status.started(server)
 
 
 if __name__ == "__main__":
-    trio.run(main)
+    try:
+        trio.run(main, int(sys.argv[1]) if len(sys.argv) > 1 else 8765)  # a port; 0: any free
+    except* KeyboardInterrupt:  # Ctrl-C: trio has cancelled everything; no traceback
+        print("stopped")

@@ -14,6 +14,7 @@ from typing import Final
 import attrs
 import trio
 
+from agentcast import MessageHandler
 from agentcast.server._serve import RunningServer, serve
 from agentcast.server._settings import ServerSettings
 
@@ -63,20 +64,22 @@ async def _settled(running: RunningServer) -> None:
 
 @asynccontextmanager
 async def serving(
-    settings: ServerSettings, *, bound: float = 30.0, leak_check: bool = True
+    settings: ServerSettings, *, bound: float = 30.0, leak_check: bool = True,
+    message_handler: MessageHandler | None = None,
 ) -> AsyncIterator[Served]:
     """Serve ``settings`` for the block (bounded by ``bound`` seconds in all).
 
     The block's own teardown (closing its clients) runs before the leak checks, so a fixture
     closes its clients inside the block. ``leak_check=False`` skips the connection and task
     checks (for tests that leave a client connected on purpose); fds are always checked.
+    ``message_handler`` replaces the demo agent's handler.
     """
     baseline = open_fds()
     stop = trio.Event()
     with trio.fail_after(bound):
         async with trio.open_nursery() as nursery:
             running: RunningServer = await nursery.start(
-                functools.partial(serve, settings, stop=stop)
+                functools.partial(serve, settings, stop=stop, message_handler=message_handler)
             )
             yield Served(running, stop)
             if leak_check:

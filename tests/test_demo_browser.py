@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -101,3 +102,56 @@ async def test_the_demo_page_streams_cancels_and_resumes(tmp_path: Path) -> None
         README_SCREENSHOT.write_bytes(screenshot.read_bytes())
     assert result["answer"][0].startswith("I found 3 sources about 'Resume me'")
     assert result["answer"][0].rstrip().endswith("Result 1 about Resume me.")
+
+
+def reload_page(url: str) -> dict[str, Any]:
+    """Start a run, reload the page while its answer streams, watch the run finish."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 900})
+            page.goto(url)
+            page.wait_for_selector("#status.open", timeout=10_000)
+            page.fill("#message", "Reload me")
+            page.click("#send-button")
+            page.wait_for_function(
+                "document.getElementById('answer').textContent.includes('I found')",
+                timeout=30_000,
+            )
+            before = page.inner_text("#answer")
+            page.reload()
+            page.wait_for_selector("li.notice:has-text('reloaded mid-run')", timeout=20_000)
+            page.wait_for_selector("li.agent_completed", timeout=30_000)
+            types = page.eval_on_selector_all("#events li", TYPES)
+            seqs = page.eval_on_selector_all(
+                "#events li[data-seq]", "els => els.map(e => Number(e.dataset.seq))"
+            )
+            answer = page.inner_text("#answer")
+        finally:
+            browser.close()
+    return {"before": before, "types": types, "seqs": seqs, "answer": answer}
+
+
+async def test_a_reload_mid_answer_shows_the_whole_answer_so_far() -> None:
+    # Slow enough that the answer is still streaming when the reloaded page reconnects.
+    settings = ServerSettings(port=0, demo=True, demo_speed=0.15)
+    stop = trio.Event()
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            running = await nursery.start(
+                lambda task_status: serve(settings, stop=stop, task_status=task_status)
+            )
+            result = await trio.to_thread.run_sync(reload_page, f"{running.url}/")
+            stop.set()
+    # The reloaded page rebuilt the run from its agent_started, steps and tool call included.
+    types = [t for t in result["types"] if t != "notice"]
+    assert types[0] == "agent_started"
+    assert types.index("agent_thinking") < types.index("tool_executing")
+    assert types[-1] == "agent_completed"
+    assert result["seqs"] == sorted(set(result["seqs"]))
+    answer = result["answer"]
+    assert answer.startswith(result["before"].strip())
+    assert answer.startswith("I found 3 sources about 'Reload me'")
+    assert answer.rstrip().endswith("Result 1 about Reload me.")

@@ -61,8 +61,8 @@ def test_a_reserved_seq_never_appended_restarts_history_after_the_gap() -> None:
     history.next_seq()  # seq 4 reserved, never appended (its encoding failed, say)
     later = fill(history, 2)
     assert history.oldest_seq == 5
-    assert not history.recover(2, None, 0.0).recovered  # would need the missing seq 4
-    resumed = history.recover(4, None, 0.0)
+    assert not history.recover(2, history.epoch, 0.0).recovered  # would need the missing seq 4
+    resumed = history.recover(4, history.epoch, 0.0)
     assert resumed.recovered
     assert list(resumed.frames) == later
 
@@ -124,12 +124,21 @@ def test_within_window_replays_exactly_the_missed_frames(since_seq: int) -> None
     assert seqs(recovery.frames) == list(range(since_seq + 1, 8))
 
 
-def test_recover_without_epoch_skips_the_epoch_check() -> None:
+def test_since_seq_above_zero_without_epoch_is_never_recovered() -> None:
+    # The seq may belong to another stream (e.g. from before a restart): never trusted.
+    history = ThreadHistory(max_size=10, ttl=60.0)
+    fill(history, 3)
+    recovery = history.recover(1, None, now=0.0)
+    assert (recovery.recovered, list(recovery.frames)) == (False, [])
+    assert recovery.latest_seq == 3
+
+
+def test_since_seq_zero_needs_no_epoch() -> None:
     history = ThreadHistory(max_size=10, ttl=60.0)
     frames = fill(history, 3)
-    recovery = history.recover(1, None, now=0.0)
+    recovery = history.recover(0, None, now=0.0)
     assert recovery.recovered is True
-    assert list(recovery.frames) == frames[1:]
+    assert list(recovery.frames) == frames
 
 
 def test_fell_out_by_count_is_not_recovered_and_replays_nothing() -> None:
@@ -305,7 +314,8 @@ async def test_sweep_forgets_streams_whose_events_expired_and_restarts_seqs() ->
         event = AgentEvent(EventType.AGENT_TEXT, {"text": "x"})
         assert [await broker.publish("alice", "t1", event) for _ in range(3)] == [1, 2, 3]
         assert [seq for _, _, seq, _ in sink.delivered] == [1, 2, 3]
-        before = await broker.recover("alice", "t1", 1, None)
+        epoch = (await broker.recover("alice", "t1", None, None)).epoch
+        before = await broker.recover("alice", "t1", 1, epoch)
         assert before.recovered is True
         assert seqs(before.frames) == [2, 3]
         assert broker.statistics().retained_events == 3

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agentcast import BATCH_SUBPROTOCOL, CloseCode
+from agentcast import BATCH_SUBPROTOCOL, ActiveRun, CloseCode
 from agentcast._protocol import (
     MAX_CLOSE_REASON_BYTES,
     CancelRun,
@@ -297,11 +297,17 @@ def test_close_reason_always_fits_and_is_a_prefix(text: str) -> None:
 
 
 def test_subscribed_frame() -> None:
-    text = subscribed_frame("t1", seq=12, epoch="e1", recovered=True)
+    runs = [ActiveRun("r1", 3), ActiveRun("r2", 9)]
+    text = subscribed_frame("t1", seq=12, epoch="e1", recovered=True, active_runs=runs)
     assert json.loads(text) == {
         "type": "subscribed", "thread_id": "t1", "seq": 12, "epoch": "e1", "recovered": True,
+        "active_runs": [{"run_id": "r1", "first_seq": 3}, {"run_id": "r2", "first_seq": 9}],
     }
-    assert list(json.loads(text)) == ["type", "thread_id", "seq", "epoch", "recovered"]
+    assert list(json.loads(text)) == [
+        "type", "thread_id", "seq", "epoch", "recovered", "active_runs"
+    ]
+    assert json.loads(subscribed_frame("t1", seq=0, epoch="e", recovered=False))[
+        "active_runs"] == []
 
 
 def test_unsubscribed_frame() -> None:

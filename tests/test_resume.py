@@ -3,12 +3,16 @@ exactly what was missed, then going live with no duplicate and no gap."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
+import coredis
 import pytest
 import trio
 import trio.testing
+from benchmarks.reload import measure
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,9 +22,13 @@ from agentcast import (
     ConnectionManager,
     InMemoryBroker,
     Recovery,
+    RedisBroker,
+    RedisPublisher,
+    RunTooLarge,
     UserContext,
     UserSession,
 )
+from agentcast._run_history import apply_replay
 
 from .helpers import Client, connect, settle, thinking
 
@@ -41,7 +49,7 @@ async def subscribe(client: Client, thread_id: str = "t1", **fields: Any) -> dic
     await client.send({"type": "subscribe", "thread_id": thread_id, **fields})
     ack = await client.receive()
     assert ack["type"] == "subscribed"
-    assert set(ack) == {"type", "thread_id", "seq", "epoch", "recovered"}
+    assert set(ack) == {"type", "thread_id", "seq", "epoch", "recovered", "active_runs"}
     assert ack["thread_id"] == thread_id
     return ack
 
@@ -87,18 +95,16 @@ async def test_seq_starts_at_one_and_grows_by_one_per_user_and_thread(
 # ---- subscribe with since_seq -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("with_epoch", [True, False])
 async def test_since_seq_replays_exactly_the_missed_events_then_live(
-    manager: ConnectionManager, with_epoch: bool
+    manager: ConnectionManager,
 ) -> None:
     session = manager.get_websocket_manager(ALICE)
     await publish(session, "t1", 10)
     client, _ = await connect(session)
-    extra = {"epoch": await epoch_of(session)} if with_epoch else {}
-    ack = await subscribe(client, since_seq=4, **extra)
+    ack = await subscribe(client, since_seq=4, epoch=await epoch_of(session))
     assert ack == {
         "type": "subscribed", "thread_id": "t1", "seq": 10,
-        "epoch": await epoch_of(session), "recovered": True,
+        "epoch": await epoch_of(session), "recovered": True, "active_runs": [],
     }
     assert await seqs_of(client, 6) == [5, 6, 7, 8, 9, 10]
     await publish(session, "t1", 3)
@@ -148,7 +154,8 @@ async def test_since_seq_older_than_the_retained_history_replays_nothing() -> No
         session = manager.get_websocket_manager(ALICE)
         await publish(session, "t1", 10)  # 6..10 retained
         client, _ = await connect(session)
-        ack = await subscribe(client, since_seq=4)
+        epoch = await epoch_of(session)
+        ack = await subscribe(client, since_seq=4, epoch=epoch)
         # A partial replay would look complete to the client: nothing is replayed at all.
         assert (ack["seq"], ack["recovered"]) == (10, False)
         await assert_nothing_pending(client)
@@ -158,10 +165,10 @@ async def test_since_seq_older_than_the_retained_history_replays_nothing() -> No
         # The boundary, now that 7..11 are retained: since_seq=5 would need 6, which fell out
         # when 11 was published; since_seq=6 needs exactly what is retained.
         other, _ = await connect(session)
-        ack = await subscribe(other, since_seq=5)
+        ack = await subscribe(other, since_seq=5, epoch=epoch)
         assert (ack["seq"], ack["recovered"]) == (11, False)
         await assert_nothing_pending(other)
-        ack = await subscribe(other, since_seq=6)
+        ack = await subscribe(other, since_seq=6, epoch=epoch)
         assert (ack["seq"], ack["recovered"]) == (11, True)
         assert await seqs_of(other, 5) == [7, 8, 9, 10, 11]
         await assert_nothing_pending(other)
@@ -247,7 +254,8 @@ async def test_events_published_during_the_replay_follow_it_without_gap_or_dupli
                 await session.send_to_thread("t1", thinking("live"))
                 await trio.lowlevel.checkpoint()
 
-        await client.send({"type": "subscribe", "thread_id": "t1", "since_seq": 20})
+        await client.send({"type": "subscribe", "thread_id": "t1", "since_seq": 20,
+                           "epoch": await epoch_of(session)})
         nursery.start_soon(producer)
         ack = await client.receive()
         assert ack["type"] == "subscribed"
@@ -265,10 +273,14 @@ class GatedBroker(InMemoryBroker):
     gate_before: bool = True
     entered: trio.Event = attrs.Factory(trio.Event)
     release: trio.Event = attrs.Factory(trio.Event)
+    #: Recoveries pass straight through until the test arms the gate.
+    armed: bool = False
 
     async def recover(
         self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None
     ) -> Recovery:
+        if not self.armed:
+            return await super().recover(user_id, thread_id, since_seq, epoch)
         if self.gate_before:
             self.entered.set()
             await self.release.wait()
@@ -289,7 +301,11 @@ async def test_events_published_while_the_replay_is_fetched_are_held_then_releas
         session = manager.get_websocket_manager(ALICE)
         await publish(session, "t1", 5)
         client, connection = await connect(session)
-        await client.send({"type": "subscribe", "thread_id": "t1", "since_seq": since_seq})
+        epoch = await epoch_of(session)
+        broker.armed = True
+        await client.send(
+            {"type": "subscribe", "thread_id": "t1", "since_seq": since_seq, "epoch": epoch}
+        )
         await broker.entered.wait()
         await publish(session, "t1", 4)  # 6..9, while recover() is in flight
         broker.release.set()
@@ -310,7 +326,7 @@ async def test_events_published_while_the_replay_is_fetched_are_held_then_releas
 
 
 async def test_frames_sent_while_the_replay_is_fetched_are_handled_after_it() -> None:
-    broker = GatedBroker(Config())
+    broker = GatedBroker(Config(), armed=True)
     async with agentcast.open_manager(broker=broker) as manager:
         session = manager.get_websocket_manager(ALICE)
         await publish(session, "t1", 5)
@@ -417,3 +433,214 @@ def test_a_replay_is_complete_or_not_attempted(
         play_resume, history_size, published, since_seq, same_epoch,
         clock=trio.testing.MockClock(autojump_threshold=0),
     )
+
+
+# ---- one suite, both brokers: missing epochs, active runs, reload mid-run ----------------------
+#
+# Parametrized over the in-memory broker and a real redis-server (real sockets, so every wait
+# is bounded by fail_after and none is a sleep).
+
+#: Seconds any single step of the two-broker tests may take.
+STEP = 10.0
+
+
+@asynccontextmanager
+async def broker_manager(
+    kind: str, request: pytest.FixtureRequest, **fields: Any
+) -> AsyncIterator[ConnectionManager]:
+    """A manager on the in-memory broker, or on a RedisBroker over the test's redis-server."""
+    config = Config(**{"session_linger": 0.5, **fields})
+    if kind == "memory":
+        async with agentcast.open_manager(config) as running:
+            yield running
+    else:
+        url = request.getfixturevalue("redis_server").url
+        async with agentcast.open_manager(config, broker=RedisBroker(url, config)) as running:
+            yield running
+
+
+def redis_url(request: pytest.FixtureRequest) -> str:
+    return str(request.getfixturevalue("redis_server").url)
+
+
+async def flushall(url: str) -> None:
+    async with coredis.Redis.from_url(url, decode_responses=True) as admin:
+        await admin.flushall()
+
+
+async def ack_and_replay(
+    client: Client, thread_id: str = "t1", **fields: Any
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Subscribe; return the ack and every frame up to the last seq the ack names."""
+    with trio.fail_after(STEP):
+        ack = await subscribe(client, thread_id, **fields)
+        frames: list[dict[str, Any]] = []
+        if ack["recovered"]:
+            while not frames or frames[-1]["seq"] < ack["seq"]:
+                frames.append(await client.receive())
+    return ack, frames
+
+
+BROKERS = pytest.mark.parametrize("kind", ["memory", "redis"])
+
+
+@BROKERS
+async def test_since_seq_without_epoch_is_never_recovered_after_a_restart(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    async with broker_manager(kind, request) as first:
+        await publish(first.get_websocket_manager(ALICE), "t1", 5)
+        old = await epoch_of(first.get_websocket_manager(ALICE))
+    if kind == "redis":
+        await flushall(redis_url(request))
+    # The restarted server (a new manager; on Redis, after FLUSHALL) has a new t1 stream.
+    async with broker_manager(kind, request) as second:
+        session = second.get_websocket_manager(ALICE)
+        await publish(session, "t1", 6)
+        client, _ = await connect(session)
+        ack, frames = await ack_and_replay(client, since_seq=3)
+        assert (ack["recovered"], frames) == (False, [])
+        assert ack["epoch"] != old
+        await assert_nothing_pending(client)
+        ack, frames = await ack_and_replay(client, "t1", since_seq=3, epoch=old)
+        assert (ack["recovered"], frames) == (False, [])
+        await assert_nothing_pending(client)
+        other, _ = await connect(session)
+        ack, frames = await ack_and_replay(other, since_seq=0)  # the whole stream: no epoch
+        assert ack["recovered"] is True
+        assert [f["seq"] for f in frames] == [1, 2, 3, 4, 5, 6]
+        await assert_nothing_pending(other)
+
+
+async def stream_answer(
+    run: Any, deltas: list[str], started: trio.Event, proceed: trio.Event
+) -> None:
+    """An agent body: a thinking step, half the deltas, a tool call, then (after ``proceed``)
+    the rest."""
+    await run.thinking("planning", step=1)
+    half = len(deltas) // 2
+    for piece in deltas[:half]:
+        await run.text(piece)
+    await run.tool_executing("search", {"q": "x"})
+    await run.tool_completed("search", {"hits": 1})
+    started.set()
+    with trio.fail_after(STEP):
+        await proceed.wait()
+    for piece in deltas[half:]:
+        await run.text(piece)
+    run.result = "done"
+
+
+@pytest.mark.parametrize(
+    ("kind", "producer"),
+    [("memory", "session"), ("redis", "session"), ("redis", "publisher")],
+)
+async def test_a_reload_mid_run_rebuilds_the_whole_answer(
+    kind: str, producer: str, request: pytest.FixtureRequest
+) -> None:
+    # history_size is far below the run's 400 events: the run is kept whole anyway.
+    deltas = [f"w{n} " for n in range(400)]
+    async with broker_manager(kind, request, history_size=5) as manager:
+        session = manager.get_websocket_manager(ALICE)
+        await publish(session, "t1", 3)  # before the run
+        started, proceed = trio.Event(), trio.Event()
+        async with trio.open_nursery() as nursery:
+
+            async def agent() -> None:
+                if producer == "session":
+                    async with session.run("t1", run_id="r1") as run:
+                        await stream_answer(run, deltas, started, proceed)
+                else:
+                    async with RedisPublisher(redis_url(request)) as pub, pub.run(
+                        "alice", "t1", run_id="r1"
+                    ) as run:
+                        await stream_answer(run, deltas, started, proceed)
+
+            nursery.start_soon(agent)
+            with trio.fail_after(STEP):
+                await started.wait()
+            # The reloaded page knows nothing: a plain subscribe names the run in progress.
+            page, _ = await connect(session, capacity=1024)
+            ack, _ = await ack_and_replay(page)
+            assert ack["recovered"] is False
+            assert ack["active_runs"] == [{"run_id": "r1", "first_seq": 4}]
+            await page.send({"type": "unsubscribe", "thread_id": "t1"})
+            assert (await page.receive())["type"] == "unsubscribed"
+            # One resume from first_seq - 1 with the epoch brings the whole run so far.
+            ack, replay = await ack_and_replay(page, since_seq=3, epoch=ack["epoch"])
+            assert ack["recovered"] is True
+            assert ack["active_runs"] == [{"run_id": "r1", "first_seq": 4}]
+            assert [f["type"] for f in replay] == [
+                "agent_started", "agent_thinking", "agent_text", "tool_executing",
+                "tool_completed",
+            ]
+            assert replay[2]["data"]["from_seq"] == 6  # compacted: 200 deltas in one frame
+            proceed.set()
+            with trio.fail_after(STEP):
+                live = await page.receive_until("agent_completed")
+        texts, last = apply_replay([*replay, *live], last_seq=3)
+        assert texts == {"r1": "".join(deltas)}
+        assert last == ack["seq"] + len(live)
+        # The run has ended: no longer active, and still resumable whole.
+        other, _ = await connect(session, capacity=1024)
+        ack, again = await ack_and_replay(other, since_seq=3, epoch=ack["epoch"])
+        assert ack["active_runs"] == []
+        assert apply_replay(again, last_seq=3)[0] == {"r1": "".join(deltas)}
+
+
+@pytest.mark.parametrize(
+    ("kind", "producer"),
+    [("memory", "session"), ("redis", "session"), ("redis", "publisher")],
+)
+async def test_a_run_past_max_run_bytes_ends_with_agent_error_run_too_large(
+    kind: str, producer: str, request: pytest.FixtureRequest
+) -> None:
+    async with broker_manager(kind, request, max_run_bytes=4000) as manager:
+        session = manager.get_websocket_manager(ALICE)
+        client, _ = await connect(session, ("t1",), capacity=256)
+        assert (await client.receive())["type"] == "subscribed"
+        published = 0
+
+        async def body(run: Any) -> None:
+            nonlocal published
+            while True:
+                await run.thinking("x" * 200)
+                published += 1
+
+        # coredis's client wraps what escapes its block in an exception group.
+        too_large = pytest.RaisesGroup(
+            pytest.RaisesExc(RunTooLarge, match="max_run_bytes"),
+            allow_unwrapped=True, flatten_subgroups=True,
+        )
+        with too_large:
+            if producer == "session":
+                async with session.run("t1", run_id="big") as run:
+                    await body(run)
+            else:
+                config = Config(max_run_bytes=4000)
+                async with RedisPublisher(redis_url(request), config) as pub, pub.run(
+                    "alice", "t1", run_id="big"
+                ) as run:
+                    await body(run)
+        assert 5 < published < 20
+        with trio.fail_after(STEP):
+            frames = await client.receive_until("agent_error")
+        assert frames[-1]["data"]["error_type"] == "RunTooLarge"
+        assert len(frames) == published + 2  # agent_started, the admitted steps, agent_error
+        # Everything it did publish is still resumable whole.
+        page, _ = await connect(session, capacity=256)
+        ack, replay = await ack_and_replay(page, since_seq=0)
+        assert (ack["recovered"], ack["active_runs"]) == (True, [])
+        assert [f["type"] for f in replay] == [f["type"] for f in frames]
+
+
+@pytest.mark.parametrize("compact", [True, False])
+async def test_the_reload_benchmark_rebuilds_the_answer(compact: bool) -> None:
+    # The reload scenario of benchmarks/, at a tiny size: its pages rebuild the exact text.
+    config = Config(compact_text=compact, send_queue_size=10_000, session_linger=0.1)
+    row = await measure(config, deltas=400, delta="abcd", clients=3, redis_url=None)
+    # Each reload: ack, unsubscribed, ack, agent_started, then the 200 deltas so far.
+    assert row["frames_per_reload"] == (5 if compact else 204)
+    assert row["text_bytes"] == 800
+    if compact:
+        assert row["retained_bytes_accounted"] <= 2 * 800 + 1000

@@ -269,14 +269,18 @@ async def test_outer_cancellation_and_timeouts_send_agent_cancelled(
     shell: Shell, how: str
 ) -> None:
     async with bounded():
+        # Each deadline expires inside the body, once the run has started: a deadline that
+        # could expire before agent_started is published would test nothing of the run.
         if how == "move_on_after":
-            with trio.move_on_after(0.01):
+            with trio.move_on_after(STEP) as timeout:
                 async with shell.run("t1"):
+                    timeout.deadline = trio.current_time()
                     await trio.sleep_forever()
         elif how == "fail_after":
             with pytest.raises(trio.TooSlowError):  # noqa: PT012 - the run is the body
-                with trio.fail_after(0.01):
+                with trio.fail_after(STEP) as timeout:
                     async with shell.run("t1"):
+                        timeout.deadline = trio.current_time()
                         await trio.sleep_forever()
         else:
             with trio.CancelScope() as scope:

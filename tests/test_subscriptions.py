@@ -31,7 +31,8 @@ def test_a_live_subscription_passes_events_once_in_order() -> None:
     assert new
     [group] = subs.complete(T, ticket, Recovery(False, "e1", 0, ()))
     assert parsed(group) == [
-        {"type": "subscribed", "thread_id": T, "seq": 0, "epoch": "e1", "recovered": False}
+        {"type": "subscribed", "thread_id": T, "seq": 0, "epoch": "e1", "recovered": False,
+         "active_runs": []}
     ]
     assert subs.offer(T, 1, frame(1)) == frame(1)
     assert subs.offer(T, 1, frame(1)) is None  # duplicate

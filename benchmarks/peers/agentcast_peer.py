@@ -22,24 +22,33 @@ from agentcast import AgentEvent, Config, EventType, UserSession
 from agentcast.server import ServerSettings, serve, tune_gc
 from benchmarks.peers import BENCH_SECRET
 from benchmarks.peers._common import announce, parse_lifetime
-from benchmarks.protocol import due, event_data, pad_for, parse_burst, pause
+from benchmarks.protocol import (
+    due,
+    event_data,
+    event_type_of,
+    pad_for,
+    parse_burst,
+    parse_schedule,
+    pause,
+)
 
 
 async def handler(session: UserSession, connection: Any, frame: dict[str, Any]) -> None:
     """Emit a ``bench_burst`` on this user's thread through ``send_to_thread``."""
     thread_id, count, size, rate = parse_burst(frame)
     pad, user = pad_for(size), session.user_id
+    schedule, kind = parse_schedule(frame), EventType(event_type_of(frame))
     start, n = time.time(), 0
     while n < count:
-        target = due(time.time() - start, rate, count)
+        target = due(time.time() - start, rate, count, schedule)
         while n < target:
             n += 1
             ts = time.time()
             await session.send_to_thread(
-                thread_id, AgentEvent(EventType.AGENT_THINKING, event_data(pad, n, user, ts))
+                thread_id, AgentEvent(kind, event_data(pad, n, user, ts))
             )
         if n < count:
-            await trio.sleep(pause(time.time() - start, n, rate))
+            await trio.sleep(pause(time.time() - start, n, rate, schedule))
 
 
 def node_options() -> argparse.Namespace:

@@ -19,7 +19,15 @@ import socketio
 import uvicorn
 
 from benchmarks.peers._common import announce, parse_lifetime
-from benchmarks.protocol import EVENT_TYPE, due, event_data, pad_for, parse_burst, pause
+from benchmarks.protocol import (
+    due,
+    event_data,
+    event_type_of,
+    pad_for,
+    parse_burst,
+    parse_schedule,
+    pause,
+)
 
 sio = socketio.AsyncServer(async_mode="asgi", cors_allowed_origins="*")
 app = socketio.ASGIApp(sio)
@@ -41,21 +49,21 @@ async def subscribe(sid: str, frame: dict[str, Any]) -> None:
 async def bench_burst(sid: str, frame: dict[str, Any]) -> None:
     user = (await sio.get_session(sid))["user"]
     thread_id, count, size, rate = parse_burst(frame)
-    pad = pad_for(size)
+    pad, schedule, kind = pad_for(size), parse_schedule(frame), event_type_of(frame)
     start, n = time.time(), 0
     while n < count:
-        target = due(time.time() - start, rate, count)
+        target = due(time.time() - start, rate, count, schedule)
         while n < target:
             n += 1
             ts = time.time()
             await sio.emit(
                 "event",
-                {"type": EVENT_TYPE, "thread_id": thread_id, "run_id": None, "seq": n, "ts": ts,
+                {"type": kind, "thread_id": thread_id, "run_id": None, "seq": n, "ts": ts,
                  "data": event_data(pad, n, user, ts)},
                 room=user,
             )
         if n < count:
-            await asyncio.sleep(pause(time.time() - start, n, rate))
+            await asyncio.sleep(pause(time.time() - start, n, rate, schedule))
 
 
 async def main() -> None:

@@ -17,7 +17,15 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
 from benchmarks.peers._common import announce, parse_lifetime
-from benchmarks.protocol import due, encode_event, pad_for, parse_burst, pause
+from benchmarks.protocol import (
+    due,
+    encode_event,
+    event_type_of,
+    pad_for,
+    parse_burst,
+    parse_schedule,
+    pause,
+)
 
 users: dict[str, dict[WebSocketConnection, set[str]]] = {}
 
@@ -33,16 +41,16 @@ async def send_to_thread(user: str, thread_id: str, message: str) -> None:
 
 async def emit(user: str, frame: dict[str, object]) -> None:
     thread_id, count, size, rate = parse_burst(frame)
-    pad = pad_for(size)
+    pad, schedule, kind = pad_for(size), parse_schedule(frame), event_type_of(frame)
     start, n = time.time(), 0
     while n < count:
-        target = due(time.time() - start, rate, count)
+        target = due(time.time() - start, rate, count, schedule)
         while n < target:
             n += 1
-            message = encode_event(thread_id, pad, n, user, time.time())
+            message = encode_event(thread_id, pad, n, user, time.time(), event_type=kind)
             await send_to_thread(user, thread_id, message)
         if n < count:
-            await trio.sleep(pause(time.time() - start, n, rate))
+            await trio.sleep(pause(time.time() - start, n, rate, schedule))
 
 
 async def handle(request: WebSocketRequest) -> None:

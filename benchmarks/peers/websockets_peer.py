@@ -19,7 +19,15 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from benchmarks.peers._common import announce, parse_lifetime
-from benchmarks.protocol import due, encode_event, pad_for, parse_burst, pause
+from benchmarks.protocol import (
+    due,
+    encode_event,
+    event_type_of,
+    pad_for,
+    parse_burst,
+    parse_schedule,
+    pause,
+)
 
 
 class ConnectionManager:
@@ -51,17 +59,17 @@ manager = ConnectionManager()
 
 async def emit(user: str, frame: dict[str, object]) -> None:
     thread_id, count, size, rate = parse_burst(frame)
-    pad = pad_for(size)
+    pad, schedule, kind = pad_for(size), parse_schedule(frame), event_type_of(frame)
     start, n = time.time(), 0
     while n < count:
-        target = due(time.time() - start, rate, count)
+        target = due(time.time() - start, rate, count, schedule)
         while n < target:
             n += 1
             await manager.send_to_thread(
-                user, thread_id, encode_event(thread_id, pad, n, user, time.time())
+                user, thread_id, encode_event(thread_id, pad, n, user, time.time(), event_type=kind)
             )
         if n < count:
-            await asyncio.sleep(pause(time.time() - start, n, rate))
+            await asyncio.sleep(pause(time.time() - start, n, rate, schedule))
 
 
 async def handle(ws: ServerConnection) -> None:

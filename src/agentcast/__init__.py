@@ -20,6 +20,7 @@ from ._errors import InvalidUserContext as InvalidUserContext
 from ._errors import ManagerNotReady as ManagerNotReady
 from ._errors import ManagerNotRunning as ManagerNotRunning
 from ._errors import RunEnded as RunEnded
+from ._errors import RunTooLarge as RunTooLarge
 from ._errors import SessionClosed as SessionClosed
 from ._errors import TooManyConnections as TooManyConnections
 from ._errors import TooManyRuns as TooManyRuns
@@ -31,11 +32,14 @@ from ._manager import ConnectionManager as ConnectionManager
 from ._manager import get_websocket_manager as get_websocket_manager
 from ._manager import get_websocket_manager_async as get_websocket_manager_async
 from ._manager import open_manager as open_manager
+from ._presence import Presence as Presence
 from ._protocol import BATCH_SUBPROTOCOL as BATCH_SUBPROTOCOL
 from ._protocol import PLAIN_SUBPROTOCOL as PLAIN_SUBPROTOCOL
 from ._protocol import CloseCode as CloseCode
+from ._redis_broker import BackplaneStats as BackplaneStats
 from ._redis_broker import RedisBroker as RedisBroker
 from ._run import Run as Run
+from ._run_history import ActiveRun as ActiveRun
 from ._session import AgentFunction as AgentFunction
 from ._session import ConnectionSlot as ConnectionSlot
 from ._session import MessageHandler as MessageHandler

@@ -16,6 +16,7 @@ from ._config import Config
 from ._errors import TooManyThreads
 from ._events import AgentEvent, encode_envelope
 from ._history import Recovery, ThreadHistory
+from ._presence import Presence
 
 __all__ = ["Broker", "BrokerStats", "EventSink", "InMemoryBroker"]
 
@@ -46,6 +47,10 @@ class EventSink(Protocol):
     def close_user(self, user_id: str, code: int, reason: str) -> int:
         """Close every connection of ``user_id`` on this node (a ``disconnect_user`` made on
         any node); returns how many were open."""
+
+    def connection_places(self, user_id: str) -> int:
+        """Connections ``user_id`` holds on this node, open or reserved by a handshake in
+        flight (what presence and the per-user limit count)."""
 
 
 @attrs.frozen
@@ -105,6 +110,29 @@ class Broker(Protocol):
     def statistics(self) -> BrokerStats:
         """A snapshot of what the broker holds."""
 
+    async def wait_ready(self) -> None:
+        """Wait until the broker accepts publishes (its backend connected and answering); the
+        caller bounds the wait."""
+
+    async def presence(self, user_id: str) -> Presence:
+        """How many connections ``user_id`` holds and on how many nodes (every node the broker
+        spans).
+
+        Raises:
+            BrokerUnavailable: the backend could not be asked.
+        """
+
+    async def reserve_connection(self, user_id: str, places: int, limit: int | None) -> None:
+        """Claim over every node the connection place this node has just reserved: this node
+        holds ``places`` of the user's connections, the new one included; refuse when all nodes
+        together then exceed ``limit``. A place is given back by the node's count dropping
+        (the broker keeps it in step), so there is no release call to forget.
+
+        Raises:
+            TooManyConnections: over the limit across nodes (nothing is claimed).
+            BrokerUnavailable: the backend could not be asked.
+        """
+
 
 @attrs.define(eq=False)
 class InMemoryBroker:
@@ -120,6 +148,10 @@ class InMemoryBroker:
       subscriptions hold streams in use, and both are capped).
     - Retained bytes over all streams: at most ``Config.max_retained_bytes``. Past it, the
       stream used least recently loses its oldest events first.
+    - Per stream: ``history_size`` events and ``history_bytes`` bytes, except that runs stay
+      whole while active and for ``history_ttl`` after they end, each within
+      ``max_run_bytes`` (``ThreadHistory``). The manager-wide cap above wins over run
+      retention: memory first; such a run's resume then answers ``recovered: false``.
     - Idle streams: forgotten ``history_ttl`` after their last use once nothing is retained,
       unless in use; live sessions' idle streams included.
     """
@@ -134,10 +166,12 @@ class InMemoryBroker:
     #: Sum of ``retained_bytes`` over all streams.
     _retained_bytes: int = 0
     _sink: EventSink | None = None
+    _serving: trio.Event = attrs.Factory(trio.Event)
 
     async def serve(self, sink: EventSink, *, task_status: trio.TaskStatus[None]) -> None:
         """Deliver to ``sink`` and sweep idle streams until cancelled."""
         self._sink = sink
+        self._serving.set()
         task_status.started()
         interval = min(60.0, self.config.history_ttl)
         while True:
@@ -205,8 +239,10 @@ class InMemoryBroker:
                     f"user {user_id!r} already uses {limit} threads "
                     "(Config.max_threads_per_user); unsubscribe from one first"
                 )
+            config = self.config
             stream = self._streams[key] = ThreadHistory(
-                self.config.history_size, self.config.history_ttl
+                config.history_size, config.history_ttl, max_bytes=config.history_bytes,
+                max_run_bytes=config.max_run_bytes, compact=config.compact_text,
             )
         else:
             del self._last_used[key], self._user_threads[user_id][thread_id]
@@ -238,14 +274,21 @@ class InMemoryBroker:
         return self._sink
 
     async def publish(self, user_id: str, thread_id: str, event: AgentEvent) -> int:
-        """Assign the seq, retain and deliver, all without yielding."""
+        """Assign the seq, retain and deliver, all without yielding.
+
+        Raises:
+            RunTooLarge: the event's run would retain more than ``Config.max_run_bytes``
+                (nothing is published; a terminal event is never refused).
+        """
         sink = self._require_sink()
         now = trio.current_time()
         stream = self._stream(user_id, thread_id, now)
+        stream.admit(event)
         seq = stream.next_seq()
-        frame = encode_envelope(event, thread_id=thread_id, seq=seq, ts=time.time())
+        ts = time.time()
+        frame = encode_envelope(event, thread_id=thread_id, seq=seq, ts=ts)
         before = stream.retained_bytes
-        stream.append(seq, frame, now)
+        stream.append(seq, frame, now, event, ts)
         self._retained_bytes += stream.retained_bytes - before
         if self._retained_bytes > self.config.max_retained_bytes:
             self._trim(now)
@@ -285,6 +328,20 @@ class InMemoryBroker:
 
     async def detach_user(self, user_id: str) -> None:
         """Nothing to do (idle streams are swept by ``serve``)."""
+        await trio.lowlevel.checkpoint()
+
+    async def wait_ready(self) -> None:
+        """Ready as soon as ``serve`` has started."""
+        await self._serving.wait()
+
+    async def presence(self, user_id: str) -> Presence:
+        """This node is the whole cluster: the session's places, on 0 or 1 node."""
+        await trio.lowlevel.checkpoint()
+        places = self._require_sink().connection_places(user_id)
+        return Presence(places, 1 if places else 0)
+
+    async def reserve_connection(self, user_id: str, places: int, limit: int | None) -> None:
+        """Nothing to claim: the session's own reservation already is the whole count."""
         await trio.lowlevel.checkpoint()
 
     def statistics(self) -> BrokerStats:

@@ -63,6 +63,10 @@ INBOUND_FRAMES_BURST: Final = 1000
 CONTROL_FRAMES_PER_SECOND: Final = 5.0
 #: Inbound control frames a connection may send in a burst above the sustained rate.
 CONTROL_FRAMES_BURST: Final = 20
+#: Bytes one run may retain for resume (its compacted text plus its other events' frames).
+MAX_RUN_BYTES: Final = 4 * 1024 * 1024
+#: Bytes of retained events per (user, thread) outside runs kept whole (see ``history_size``).
+HISTORY_BYTES: Final = 1024 * 1024
 
 
 def positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -174,3 +178,15 @@ class Config:
     #: WebSocket pings; None: off. The manager's watchdog checks every quarter of it (or every
     #: eighth of ``write_timeout``, if that is shorter), so one goes out within 1.25 times this.
     heartbeat_interval: float | None = attrs.field(default=None, validator=_positive_or_none)
+    #: Bytes one run may retain for resume: while a run is active, and for ``history_ttl``
+    #: after it ends, all of its events stay retained whatever ``history_size`` and
+    #: ``history_bytes`` say; the publish that would pass this cap raises ``RunTooLarge`` (the
+    #: run then ends with ``agent_error``). In memory a compacted ``agent_text`` delta costs its
+    #: UTF-8 bytes plus 2, on Redis its whole frame (Redis keeps one entry per delta).
+    max_run_bytes: int = attrs.field(default=MAX_RUN_BYTES, validator=positive)
+    #: Bytes of retained events per (user, thread), like ``history_size`` counts them: the
+    #: oldest events go when either limit is passed, except events of runs kept whole.
+    history_bytes: int = attrs.field(default=HISTORY_BYTES, validator=positive)
+    #: Store a run's consecutive ``agent_text`` deltas as one growing text (in memory); off
+    #: only to measure what compaction saves (the ``reload`` benchmark).
+    compact_text: bool = True

@@ -11,6 +11,7 @@ __all__ = [
     "ManagerNotReady",
     "ManagerNotRunning",
     "RunEnded",
+    "RunTooLarge",
     "SessionClosed",
     "TooManyConnections",
     "TooManyRuns",
@@ -84,3 +85,10 @@ class TooManyThreads(AgentcastError, RuntimeError):
 class TooManyConnections(AgentcastError, RuntimeError):
     """The user already holds ``Config.max_connections_per_user`` connections (open or being
     opened); close one first. The server refuses such a handshake with HTTP 429."""
+
+
+class RunTooLarge(AgentcastError, RuntimeError):
+    """A run's retained events would pass ``Config.max_run_bytes``: the publish that crosses
+    it is refused (no seq is assigned), and so is every later non-terminal event of the run.
+    Raised inside a run's body, it ends the run with ``agent_error`` ``RunTooLarge`` (the
+    terminal event itself is never refused). Stream less per run, or raise the cap."""

@@ -1,7 +1,10 @@
 """Identifier rules shared by user contexts, threads and runs.
 
 Ids end up in routing keys, logs and JSON envelopes, so they are restricted to a charset that
-needs no escaping anywhere; the envelope encoder relies on that.
+needs no escaping anywhere; the envelope encoder relies on that. ``|`` is in it so user ids in
+Auth0's ``sub`` format (``auth0|abc123``) work as they are: it is not special in JSON, in Redis
+keys or hash tags (only braces are), in the space-separated backplane messages, in Prometheus
+label values or in JWT claims (``tests/test_ids.py`` checks each).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ __all__ = ["MAX_ID_LENGTH", "check_id", "new_id"]
 
 #: Longest id accepted, in characters.
 MAX_ID_LENGTH: Final = 128
-_ID_CHARS: Final = re.compile(r"[A-Za-z0-9_.:@+\-]+")
+_ID_CHARS: Final = re.compile(r"[A-Za-z0-9_.:@+|\-]+")
 #: Strings that a serialisation bug upstream produces from a missing value.
 PLACEHOLDER_IDS: Final = frozenset({"none", "null", "undefined", "nan"})
 
@@ -38,7 +41,7 @@ def check_id(
         )
     if _ID_CHARS.fullmatch(value) is None:
         raise error(
-            f"{field} {value[:40]!r} may only contain letters, digits and _ . : @ + -"
+            f"{field} {value[:40]!r} may only contain letters, digits and _ . : @ + | -"
         )
     return value
 

@@ -24,6 +24,7 @@ from ._errors import ManagerNotReady, ManagerNotRunning
 from ._events import AgentEvent
 from ._ids import check_id
 from ._latency import DeliveryLatency
+from ._presence import Presence
 from ._protocol import CloseCode
 from ._session import MessageHandler, UserSession
 from ._stats import Counters, ManagerStats, count_tasks
@@ -133,8 +134,38 @@ class ConnectionManager:
         return closed
 
     async def wait_ready(self) -> None:
-        """Wait until the broker accepts publishes."""
+        """Wait until the manager runs and its broker accepts publishes (a Redis broker:
+        connected and answering); the caller bounds the wait."""
         await self._ready.wait()
+        await self.broker.wait_ready()
+
+    async def presence(self, user_id: str) -> Presence:
+        """How many connections ``user_id`` holds (open or in their handshake) and on how many
+        nodes: this node's with the in-memory broker, the whole cluster's with Redis (nodes
+        whose heartbeat is current; a killed node's stop counting within ``PRESENCE_TTL``).
+
+        Raises:
+            InvalidIdentifier: ``user_id`` is invalid.
+            BrokerUnavailable: Redis could not be asked.
+        """
+        check_id("user_id", user_id)
+        return await self.broker.presence(user_id)
+
+    async def reserve_cluster_connection(self, session: UserSession) -> None:
+        """After ``session.reserve_connection()`` (synchronous, this node's count), claim the
+        place over the cluster too: with Redis, this node's places and every other node's
+        stay within ``Config.max_connections_per_user``, atomically; with one node it is a
+        no-op. Nothing to release: a place is given back when this node's count drops.
+
+        Raises:
+            TooManyConnections: the user is at the limit over the cluster; release the slot.
+            BrokerUnavailable: Redis could not be asked; release the slot.
+        """
+        limit = self.config.max_connections_per_user
+        if limit is None:
+            await trio.lowlevel.checkpoint()
+            return
+        await self.broker.reserve_connection(session.user_id, session.connection_places, limit)
 
     # ---- EventSink --------------------------------------------------------------------------
 
@@ -170,6 +201,11 @@ class ConnectionManager:
         for session in tuple(self._sessions.values()):
             for connection in session.connections():
                 connection.close(CloseCode.SERVICE_RESTART, reason)
+
+    def connection_places(self, user_id: str) -> int:
+        """Broker callback: connections of ``user_id`` here, open or being opened."""
+        session = self._sessions.get(user_id)
+        return 0 if session is None else session.connection_places
 
     def close_user(self, user_id: str, code: int, reason: str) -> int:
         """Broker callback (and :meth:`disconnect_user`): close every connection of
@@ -345,11 +381,13 @@ async def get_websocket_manager_async(
     user_context: UserContext, *, manager: ConnectionManager | None = None
 ) -> UserSession:
     """Like :func:`get_websocket_manager`, but wait (up to ``Config.ready_timeout``) until the
-    manager's broker and the session's nursery are ready.
+    manager's broker is ready for real (a Redis broker: connected and answering) and the
+    session's nursery is open.
 
     Raises:
         ManagerNotRunning: no manager is running here, or it is shutting down.
-        ManagerNotReady: readiness took longer than ``Config.ready_timeout``.
+        ManagerNotReady: readiness took longer than ``Config.ready_timeout``; the message says
+            why the broker is not ready (e.g. Redis unreachable).
     """
     resolved = _resolve(manager)
     timeout = resolved.config.ready_timeout
@@ -358,4 +396,9 @@ async def get_websocket_manager_async(
         session = resolved.get_websocket_manager(user_context)
         await session._opened.wait()
         return session
-    raise ManagerNotReady(f"the agentcast manager was not ready within {timeout} s")
+    reason = resolved.broker.statistics().reason
+    raise ManagerNotReady(
+        f"the agentcast manager was not ready within {timeout} s"
+        + (f": {reason}" if reason else "")
+        + " (Config.ready_timeout)"
+    )

@@ -8,6 +8,7 @@ when the fault ends the connection, the close code.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from typing import Any, Final
 
 import attrs
@@ -15,6 +16,7 @@ import orjson
 
 from ._errors import InvalidIdentifier
 from ._ids import check_id
+from ._run_history import ActiveRun
 
 __all__ = [
     "BATCH_SUBPROTOCOL",
@@ -253,11 +255,16 @@ def _dump(frame: dict[str, Any]) -> str:
     return orjson.dumps(frame).decode()
 
 
-def subscribed_frame(thread_id: str, *, seq: int, epoch: str, recovered: bool) -> str:
-    """The ack of a subscribe: latest seq, stream epoch, and whether the replay was complete."""
+def subscribed_frame(
+    thread_id: str, *, seq: int, epoch: str, recovered: bool,
+    active_runs: Sequence[ActiveRun] = (),
+) -> str:
+    """The ack of a subscribe: latest seq, stream epoch, whether the replay was complete, and
+    the thread's runs that have not ended (``[{"run_id", "first_seq"}]``, oldest first), so a
+    reloaded page can resume from ``first_seq - 1`` and rebuild a whole run."""
     return _dump(
         {"type": "subscribed", "thread_id": thread_id, "seq": seq, "epoch": epoch,
-         "recovered": recovered}
+         "recovered": recovered, "active_runs": [run.as_json() for run in active_runs]}
     )
 
 

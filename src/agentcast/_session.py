@@ -146,6 +146,11 @@ class UserSession:
         self._notify()
         return ConnectionSlot(self)
 
+    @property
+    def connection_places(self) -> int:
+        """Connections of this user here, open or reserved (what the limit counts)."""
+        return len(self._connections) + self._reserved
+
     def _slot_done(self) -> None:
         self._reserved -= 1
         self._notify()
@@ -176,7 +181,8 @@ class UserSession:
             SessionClosed: the session has closed; get a fresh one.
             InvalidIdentifier: a thread id is invalid.
             TooManyConnections: no slot was given and the user is at
-                ``Config.max_connections_per_user``.
+                ``Config.max_connections_per_user`` (over the cluster, with Redis).
+            BrokerUnavailable: no slot was given, a limit is set and Redis could not be asked.
             ValueError: ``slot`` belongs to another session or was already used.
         """
         if slot is not None and (slot.session is not self or not slot.reserved):
@@ -187,6 +193,9 @@ class UserSession:
             allowed = None if allowed_threads is None else frozenset(allowed_threads)
             if slot is None:
                 slot = self.reserve_connection()
+                # With Redis the limit holds over the cluster: claim the place there too
+                # (the server does this in its handshake, before passing the slot).
+                await self._manager.reserve_cluster_connection(self)
             await self._opened.wait()
             self._check_open()
         except BaseException:

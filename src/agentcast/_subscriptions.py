@@ -182,7 +182,8 @@ class Subscriptions:
             held = state.held
             position = held[0][0] - 1 if held else recovery.latest_seq
         ack = subscribed_frame(
-            thread_id, seq=position, epoch=recovery.epoch, recovered=recovery.recovered
+            thread_id, seq=position, epoch=recovery.epoch, recovered=recovery.recovered,
+            active_runs=recovery.active_runs,
         )
         state.acked_position = position
         if not last:

@@ -20,8 +20,9 @@ from ._config import Config
 from ._events import AgentEvent
 from ._ids import check_id, new_id
 from ._lifecycle import RunEmitter, decide_terminal, elapsed_ms, started_event
+from ._presence import Presence
 from ._redact import redact_url
-from ._redis_streams import CONNECT_TIMEOUT, StreamOps, redis_client, redis_errors
+from ._redis_streams import REDIS_TIMEOUT, StreamOps, redis_client, redis_errors
 
 if TYPE_CHECKING:
     import coredis
@@ -75,13 +76,17 @@ class RedisPublisher:
     Args:
         url: ``redis://HOST:PORT/DB``, the same Redis the nodes use.
         config: history size and TTL; use the same values as the nodes.
+        timeout: seconds any one call may take, connecting included; a frozen or unreachable
+            Redis makes the call raise BrokerUnavailable then, never wait longer.
 
     Raises:
-        BrokerUnavailable: (from any method) Redis is unreachable.
+        BrokerUnavailable: (from any method) Redis is unreachable or did not answer within
+            ``timeout``.
     """
 
     url: str
     config: Config = attrs.Factory(Config)
+    timeout: float = attrs.field(default=REDIS_TIMEOUT, kw_only=True)
     _client: coredis.Redis[str] | None = None
     _ops: StreamOps | None = None
 
@@ -90,16 +95,18 @@ class RedisPublisher:
         return f"<RedisPublisher {redact_url(self.url)!r} {state}>"
 
     async def __aenter__(self) -> RedisPublisher:
-        client = redis_client(self.url)
+        client = redis_client(self.url, self.timeout)
         with redis_errors("connecting to Redis"):
             await client.__aenter__()
-            try:
-                with anyio.fail_after(CONNECT_TIMEOUT):
-                    await client.ping()
-            except BaseException:
-                await client.__aexit__(None, None, None)
-                raise
-        self._client, self._ops = client, StreamOps(client, self.config)
+        ops = StreamOps(client, self.config, timeout=self.timeout)
+        try:
+            with redis_errors("connecting to Redis", self.timeout):
+                await client.ping()
+            await ops.load_scripts()  # the first publish then logs no NOSCRIPT retry
+        except BaseException:
+            await client.__aexit__(None, None, None)
+            raise
+        self._client, self._ops = client, ops
         return self
 
     async def __aexit__(
@@ -131,6 +138,12 @@ class RedisPublisher:
         """Publish a live-only event (no seq, not replayed) to every connection of the user."""
         check_id("user_id", user_id)
         await self._require().publish_user(user_id, event)
+
+    async def presence(self, user_id: str) -> Presence:
+        """How many connections ``user_id`` holds over every node, and on how many nodes: an
+        agent can check whether anyone is watching (see ``ConnectionManager.presence``)."""
+        check_id("user_id", user_id)
+        return await self._require().presence(user_id)
 
     async def broadcast(self, event: AgentEvent) -> None:
         """Publish a live-only event to every connection on every node."""

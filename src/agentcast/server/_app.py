@@ -31,14 +31,18 @@ from .._manager import ConnectionManager
 from .._protocol import BATCH_SUBPROTOCOL, PLAIN_SUBPROTOCOL, CloseCode
 from .._redact import MASK, redact_text
 from .._session import ConnectionSlot
+from ..protocols import SUBPROTOCOLS, wrap_transport
 from ._admin import admin_refusal
 from ._auth import AuthError, Claims
+from ._client_js import CACHE_CONTROL, client_script, not_modified
+from ._client_js import CONTENT_TYPE as SCRIPT_TYPE
 from ._front import HeadError, PrefixedStream, RequestHead, read_request_head, send_response
 from ._http_rules import ALLOW, LogLimiter, Refusal, Upgrade, decide_upgrade, stats_page
 from ._inbound import InboundGuard
 from ._keepalive import Keepalive
 from ._metrics import CONTENT_TYPE, Metrics
 from ._settings import ServerSettings
+from ._sse import AGUI_CANCEL_PATH, AGUI_PATH, serve_agui
 from ._tokens import MemoryRevocations, Revocations, TokenVerifier
 from ._wsconn import WriteThrough
 
@@ -178,6 +182,14 @@ class Server:
         if head.path == "/admin/revoke":
             await self._admin_revoke(stream, head)
             return
+        if head.path in (AGUI_PATH, AGUI_CANCEL_PATH):
+            # AG-UI's HttpAgent: POST a RunAgentInput, read the run as SSE (issue 15).
+            await serve_agui(
+                stream, head, settings=self.settings, manager=self.manager,
+                tokens=self.tokens, respond=self._respond, origin_allowed=self._origin_allowed,
+                draining=self.draining,
+            )
+            return
         if head.method not in ("GET", "HEAD"):
             await self._respond(
                 stream, 405, {"error": f"only {ALLOW} are supported"}, head=head,
@@ -194,6 +206,19 @@ class Server:
                 stream, 426, {"error": "this endpoint needs a WebSocket upgrade"}, head=head,
                 extra_headers=[("Upgrade", "websocket")],
             )
+        elif path == "/client.js":
+            # The browser client, for pages without a build step: import from "/client.js".
+            script = client_script()
+            cache = [("ETag", script.etag), ("Cache-Control", CACHE_CONTROL),
+                     ("X-Content-Type-Options", "nosniff")]
+            if not_modified(head.header("if-none-match"), script.etag):
+                await send_response(  # headers only; Content-Length that of the 200
+                    stream, 304, script.body, content_type=SCRIPT_TYPE, extra_headers=cache,
+                    head_only=True, write_timeout=self.settings.http_write_timeout,
+                )
+            else:
+                await self._respond(stream, 200, script.body, head=head,
+                                    content_type=SCRIPT_TYPE, extra_headers=cache)
         elif path == "/" and self.demo_page is not None:
             await self._respond(
                 stream, 200, self.demo_page, head=head, content_type="text/html; charset=utf-8"
@@ -368,6 +393,17 @@ class Server:
         except TooManyConnections as exc:
             await self._refuse(stream, 429, "connection_limit", str(exc))
             return None
+        try:
+            # With Redis the limit holds over the cluster: claim the place there as well.
+            await self.manager.reserve_cluster_connection(session)
+        except TooManyConnections as exc:
+            slot.release()
+            await self._refuse(stream, 429, "connection_limit", str(exc))
+            return None
+        except BrokerUnavailable as exc:
+            slot.release()
+            await self._refuse(stream, 503, "backplane_unavailable", str(exc))
+            return None
         offered = [
             value.strip() for value in (head.header("sec-websocket-protocol") or "").split(",")
             if value.strip()
@@ -376,7 +412,8 @@ class Server:
         # token in the response). A browser that offers only bearer.<token> then fails the
         # handshake, so it must offer agentcast.v1 or agentcast.ndjson too.
         subprotocol = next(
-            (ours for ours in (BATCH_SUBPROTOCOL, PLAIN_SUBPROTOCOL) if ours in offered), None
+            (ours for ours in (BATCH_SUBPROTOCOL, PLAIN_SUBPROTOCOL, *SUBPROTOCOLS)
+             if ours in offered), None
         )
         return claims, subprotocol, slot
 
@@ -403,9 +440,13 @@ class Server:
                 raw = stream.inner.inner if isinstance(stream.inner, InboundGuard) else stream.inner
                 transport = WriteThrough.wrap(ws, raw)
                 # A token naming threads subscribes to them and confines the client to them.
+                # agentcast.agui / agentcast.vercel-ai: translated at the edge (batched
+                # inside, the translator frames what the client receives).
                 connection = await session.add_connection(
-                    transport, threads=claims.threads, allowed_threads=claims.threads or None,
-                    slot=slot, credentials=self.tokens.grant(claims),
+                    wrap_transport(transport, subprotocol), threads=claims.threads,
+                    allowed_threads=claims.threads or None, slot=slot,
+                    credentials=self.tokens.grant(claims),
+                    batch=True if subprotocol in SUBPROTOCOLS else None,
                 )
             finally:
                 slot.release()

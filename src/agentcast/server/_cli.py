@@ -29,7 +29,8 @@ from .._config import Config
 from .._errors import BrokerUnavailable
 from .._ids import check_id
 from .._protocol import CloseCode
-from .._redis_streams import StreamOps, redis_client
+from .._redis_broker import OUTAGE_GRACE
+from .._redis_streams import REDIS_TIMEOUT, StreamOps, redis_client
 from ._admin import check_admin_token
 from ._auth import DEFAULT_TTL, check_secret, issue_token
 from ._gc import DEFAULT_GC_THRESHOLD, tune_gc
@@ -169,6 +170,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--redis-url", default=_env("REDIS_URL"),
                      help="redis://HOST:PORT/DB: join the Redis backplane (AGENTCAST_REDIS_URL; "
                           "default: none, one in-memory node)")
+    run.add_argument("--redis-timeout",
+                     type=_number(float, "--redis-timeout", "REDIS_TIMEOUT", minimum=0.01),
+                     default=_env("REDIS_TIMEOUT", str(REDIS_TIMEOUT)),
+                     help="seconds any one Redis call may take; a frozen Redis makes /health "
+                          "not-ready within it (AGENTCAST_REDIS_TIMEOUT; default: %(default)s)")
+    run.add_argument("--redis-grace",
+                     type=_number(float, "--redis-grace", "REDIS_GRACE", minimum=0.0),
+                     default=_env("REDIS_GRACE", str(OUTAGE_GRACE)),
+                     help="seconds a frozen Redis may stay silent before connections are "
+                          "closed with 1012 (AGENTCAST_REDIS_GRACE; default: %(default)s)")
     run.add_argument("--workers", type=_number(int, "--workers", "WORKERS", minimum=1),
                      default=_env("WORKERS", "1"),
                      help="server processes sharing the port; more than 1 needs --redis-url "
@@ -348,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 heartbeat_interval=args.heartbeat,
             ),
             redis_url=args.redis_url or None, reuse_port=_env_flag("REUSE_PORT"),
+            redis_timeout=args.redis_timeout, redis_grace=args.redis_grace,
             token_issuer=args.token_issuer or None, token_audience=args.token_audience or None,
         )
         if args.workers > 1 and settings.redis_url is None:

@@ -148,7 +148,7 @@ async def send_response(
         True if the whole answer was written; False if the client left or was cut off.
     """
     reasons = {
-        200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+        200: "OK", 304: "Not Modified", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
         404: "Not Found", 405: "Method Not Allowed", 426: "Upgrade Required",
         429: "Too Many Requests", 431: "Request Header Fields Too Large",
         503: "Service Unavailable",

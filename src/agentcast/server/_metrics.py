@@ -1,6 +1,7 @@
 """Prometheus metrics for ``GET /metrics``, read from the manager's own statistics.
 
-Everything is collected at scrape time: from ``get_stats()``, the server's rejection counts and
+Everything is collected at scrape time: from ``get_stats()``, the server's rejection counts,
+the Redis backplane's own figures (``RedisBroker.backplane_stats``) when it runs on one, and
 the per-type publish counts that :class:`MeteredBroker` keeps in a plain ``Counter`` (one dict
 increment per published event, not per delivery: a prometheus-client ``labels().inc()`` per
 event cost more than the rest of publishing).
@@ -27,6 +28,8 @@ from .._broker import Broker, BrokerStats, EventSink
 from .._events import AgentEvent
 from .._history import Recovery
 from .._manager import ConnectionManager
+from .._presence import Presence
+from .._redis_broker import BackplaneStats, RedisBroker
 
 __all__ = ["CONTENT_TYPE", "MeteredBroker", "Metrics"]
 
@@ -75,12 +78,22 @@ class MeteredBroker:
     def statistics(self) -> BrokerStats:
         return self.inner.statistics()
 
+    async def wait_ready(self) -> None:
+        await self.inner.wait_ready()
+
+    async def presence(self, user_id: str) -> Presence:
+        return await self.inner.presence(user_id)
+
+    async def reserve_connection(self, user_id: str, places: int, limit: int | None) -> None:
+        await self.inner.reserve_connection(user_id, places, limit)
+
 
 @attrs.define(eq=False)
 class _StatsCollector(Collector):
     manager: Callable[[], ConnectionManager | None]
     rejections: Callable[[], dict[str, int]]
     published: Callable[[], collections.Counter[str]]
+    backplane: Callable[[], BackplaneStats | None]
 
     def collect(self) -> Iterator[Metric]:
         published = CounterMetricFamily(
@@ -131,6 +144,36 @@ class _StatsCollector(Collector):
             "oldest event, counted for every event in the batch).",
             buckets=buckets, sum_value=latency.sum,
         )
+        backplane = self.backplane()
+        if backplane is not None:
+            yield from _backplane_metrics(backplane)
+
+
+def _backplane_metrics(stats: BackplaneStats) -> Iterator[Metric]:
+    """The Redis backplane's figures: publish latency, pipeline depth, reconnects, pub/sub."""
+    latency = stats.publish_latency
+    buckets = [(repr(bound), count) for bound, count in zip(
+        latency.bounds, latency.counts, strict=True
+    )]
+    buckets.append(("+Inf", latency.count))
+    yield HistogramMetricFamily(
+        "agentcast_redis_publish_seconds",
+        "Seconds from a publish being made to Redis returning its seq (queue and round trip).",
+        buckets=buckets, sum_value=latency.sum,
+    )
+    yield GaugeMetricFamily(
+        "agentcast_redis_pipeline_depth", "Publishes queued for Redis or on the wire now.",
+        value=stats.pipeline_depth,
+    )
+    for name, value, text in [
+        ("agentcast_redis_reconnects", stats.reconnects,
+         "Times the connection to Redis was re-established after being lost."),
+        ("agentcast_redis_pubsub_messages", stats.pubsub_messages,
+         "Pub/sub messages received from Redis."),
+        ("agentcast_redis_stalls", stats.stalls,
+         "Times Redis stopped answering within --redis-timeout."),
+    ]:
+        yield CounterMetricFamily(name, text, value=value)
 
 
 @attrs.define(eq=False)
@@ -142,10 +185,12 @@ class Metrics:
     published: collections.Counter[str] = attrs.Factory(collections.Counter)
     _manager: ConnectionManager | None = None
     _rejections: dict[str, int] = attrs.Factory(dict)
+    _redis: RedisBroker | None = None
 
     def __attrs_post_init__(self) -> None:
         self.registry.register(_StatsCollector(
-            lambda: self._manager, lambda: self._rejections, lambda: self.published
+            lambda: self._manager, lambda: self._rejections, lambda: self.published,
+            lambda: None if self._redis is None else self._redis.backplane_stats(),
         ))
 
     def watch(self, manager: ConnectionManager, rejections: dict[str, int]) -> None:
@@ -154,7 +199,9 @@ class Metrics:
         self._rejections = rejections
 
     def wrap(self, broker: Broker) -> MeteredBroker:
-        """Count ``broker``'s publishes by event type."""
+        """Count ``broker``'s publishes by event type (and report a Redis broker's figures)."""
+        if isinstance(broker, RedisBroker):
+            self._redis = broker
         return MeteredBroker(broker, self.published)
 
     def render(self) -> bytes:

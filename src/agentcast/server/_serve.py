@@ -18,7 +18,7 @@ import trio
 
 from .._broker import Broker, InMemoryBroker
 from .._errors import ClientError
-from .._manager import open_manager
+from .._manager import ConnectionManager, open_manager
 from .._redis_broker import RedisBroker
 from .._session import MessageHandler, UserSession
 from ..demo import simulated_agent
@@ -53,6 +53,13 @@ class RunningServer:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def manager(self) -> ConnectionManager:
+        """The server's :class:`~agentcast.ConnectionManager`: publish from the embedding
+        program with ``running.manager.get_websocket_manager(ctx)`` (a user's session), as
+        from any manager; see examples/serve_and_publish.py."""
+        return self.server.manager
 
 
 def demo_message_handler(speed: float) -> MessageHandler:
@@ -110,7 +117,10 @@ async def serve(
         metrics = Metrics()
         inner: Broker = (
             InMemoryBroker(settings.core) if settings.redis_url is None
-            else RedisBroker(settings.redis_url, settings.core)
+            else RedisBroker(
+                settings.redis_url, settings.core, timeout=settings.redis_timeout,
+                outage_grace=settings.redis_grace,
+            )
         )
         broker = metrics.wrap(inner)
         async with open_manager(

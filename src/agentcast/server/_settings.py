@@ -8,6 +8,8 @@ import attrs
 
 from .._config import Config, positive
 from .._redact import redact_url
+from .._redis_broker import OUTAGE_GRACE
+from .._redis_streams import REDIS_TIMEOUT
 from ._auth import LEEWAY
 
 __all__ = ["ServerSettings"]
@@ -77,6 +79,12 @@ class ServerSettings:
     redis_url: str | None = attrs.field(
         default=None, repr=lambda url: repr(None if url is None else redact_url(url))
     )
+    #: Seconds any one Redis call may take (``--redis-timeout``); a frozen Redis makes the node
+    #: not-ready within it and producers get BrokerUnavailable then.
+    redis_timeout: float = attrs.field(default=REDIS_TIMEOUT, validator=positive)
+    #: Seconds a frozen Redis may stay silent before every connection is closed with 1012
+    #: (``--redis-grace``); shorter stalls are invisible to clients.
+    redis_grace: float = attrs.field(default=OUTAGE_GRACE, validator=attrs.validators.ge(0))
     #: Bind with SO_REUSEPORT so several worker processes share the port (``--workers``).
     reuse_port: bool = False
     #: The core settings (queues, timeouts, history, inbound limits).
