@@ -277,14 +277,15 @@ class GatedBroker(InMemoryBroker):
     armed: bool = False
 
     async def recover(
-        self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None
+        self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None,
+        *, compact: bool = True,
     ) -> Recovery:
         if not self.armed:
-            return await super().recover(user_id, thread_id, since_seq, epoch)
+            return await super().recover(user_id, thread_id, since_seq, epoch, compact=compact)
         if self.gate_before:
             self.entered.set()
             await self.release.wait()
-        recovery = await super().recover(user_id, thread_id, since_seq, epoch)
+        recovery = await super().recover(user_id, thread_id, since_seq, epoch, compact=compact)
         if not self.gate_before:
             self.entered.set()
             await self.release.wait()
