@@ -205,7 +205,8 @@ async def test_401_with_get_token_refreshes_and_a_duplicate_replay_is_dropped(
         if item.type == "agent_text" and item.run_id:
             delivered[item.run_id] = delivered.get(item.run_id, "") + item.data["text"]
     assert delivered == texts
-    assert len(texts) == 2 and all(texts.values())
+    assert len(texts) == 2
+    assert all(texts.values())
 
 
 async def test_users_tests_can_drive_a_server_with_it(server: RunningServer) -> None:
