@@ -15,7 +15,8 @@ with :func:`compact_frames`. Invariants:
   terminal event is never refused.
 - A compacted span replays as one ``agent_text`` whose ``seq`` is its last delta's and whose
   ``data`` is ``{"text": <the deltas joined>, "from_seq": <first delta's seq it covers>}``;
-  a replay covering one delta of a span gives that delta's own frame, unchanged.
+  a replay covering one delta of a span gives that delta's own frame, unchanged. A replay
+  asked with ``compact: false`` expands a span into one frame per delta (its lengths are kept).
 """
 
 from __future__ import annotations
@@ -256,8 +257,8 @@ class TextSpan:
         with ``compact: false`` sends them (``first_seq <= seq <= last_seq``).
 
         The first delta's frame is the one stored, unchanged. The span keeps only its last
-        delta's send time, so every later delta's frame carries that ``ts`` (each delta's
-        own ``ts`` is not retained: at most it is later than the delta was sent).
+        delta's send time, so every later delta's frame carries that ``ts``: never earlier
+        than when the delta was sent, possibly later (a delta's own ``ts`` is not retained).
         """
         frames: list[str] = []
         offset = 0
