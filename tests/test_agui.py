@@ -136,6 +136,26 @@ def test_a_resumed_stream_is_valid_on_its_own() -> None:
     assert events[-1]["type"] == "RUN_FINISHED"
 
 
+def test_a_compacted_replay_frame_is_one_content_carrying_from_seq() -> None:
+    """A replay's span of deltas 3..8 (``data.from_seq``) is one TEXT_MESSAGE_CONTENT whose
+    metadata says the seqs it covers: seq the last, from_seq the first."""
+    translator = AguiTranslator()
+    ack = ACK.replace('"seq":0', '"seq":9').replace("false", "true")
+    span = envelope(8, "agent_text", {"text": "Hello world", "from_seq": 3})
+    events = validated(translator.translate(ack) + translator.translate(
+        "\n".join([RUN[0], span, RUN[8]])
+    ))
+    contents = [e for e in events if e["type"] == "TEXT_MESSAGE_CONTENT"]
+    assert [(e["delta"], e["metadata"]["seq"], e["metadata"]["from_seq"]) for e in contents] == [
+        ("Hello world", 8, 3)
+    ]
+    # A live (uncompacted) delta carries no from_seq.
+    live = AguiTranslator().translate(RUN[2])
+    assert "from_seq" not in next(
+        e for e in live if e["type"] == "TEXT_MESSAGE_CONTENT"
+    )["metadata"]
+
+
 def test_control_frames_and_custom_events_become_custom() -> None:
     translator = AguiTranslator()
     events = validated(translator.translate("\n".join([
@@ -234,9 +254,18 @@ async def test_agui_websocket_streams_a_demo_run_and_resumes_exactly() -> None:
         ack = rest[0]
         assert ack["name"] == "agentcast.subscribed"
         assert ack["value"]["recovered"] is True
-        seqs = [e["metadata"]["seq"] for e in rest[1:] if not e["metadata"].get("synthetic")]
-        assert seqs[0] == last + 1
-        assert seqs == sorted(seqs)
+        # Continuity, with compacted replay frames: each frame's events carry its seq, and
+        # a frame covers from_seq (when present) .. seq, starting right after the last one.
+        covered, frames = last, 0
+        for event in rest[1:]:
+            meta = event["metadata"]
+            if meta.get("synthetic") or meta["seq"] == covered:
+                continue  # the synthesised RUN_STARTED, or another event of the same frame
+            assert meta.get("from_seq", meta["seq"]) == covered + 1
+            assert meta["seq"] >= covered + 1
+            covered, frames = meta["seq"], frames + 1
+        assert frames > 0
+        assert covered == rest[-1]["metadata"]["seq"]
         assert rest[-1]["outcome"] == {"type": "success"}
         text = "".join(e["delta"] for e in seen + rest if e["type"] == "TEXT_MESSAGE_CONTENT")
         assert text.startswith("I found 3 sources")

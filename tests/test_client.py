@@ -10,11 +10,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 import trio
 from trio_websocket import open_websocket_url
 
 from agentcast import Config
+from agentcast._run_history import apply_replay
 from agentcast.client import Backoff, ClientClosed, Event, Resync, connect
 from agentcast.server import issue_token
 from agentcast.server._serve import RunningServer, serve
@@ -183,9 +185,28 @@ async def test_401_with_get_token_refreshes_and_a_duplicate_replay_is_dropped(
             await client.send({"type": "user_message", "thread_id": "t1", "text": "two"})
             more: list[Any] = []
             await until_terminal(items, more)
-    assert client.duplicates == len(seen)
+        # What the server replayed of the first run: compacted (a run's agent_text deltas
+        # may be one frame covering data.from_seq..seq), so fewer frames than were live.
+        history = await server.server.manager.broker.recover("py-dup", "t1", 0, sub.epoch)
+    stored = [orjson.loads(frame) for frame in history.frames]
+    replayed_first = [f for f in stored if f["seq"] <= len(seen)]
+    assert any("from_seq" in f["data"] for f in replayed_first)  # compaction is in place
+    assert len(replayed_first) < len(seen)
+    # Every replayed frame of the first run was dropped as a duplicate by its seq ...
+    assert client.duplicates == len(replayed_first)
+    # ... nothing was applied twice or skipped ...
     seqs = [item.seq for item in seen + more]
     assert seqs == list(range(1, len(seqs) + 1))
+    # ... and each run's text is complete: the client's equals the server's history.
+    texts, last = apply_replay(stored)
+    assert last == seqs[-1]
+    delivered: dict[str, str] = {}
+    for item in seen + more:
+        if item.type == "agent_text" and item.run_id:
+            delivered[item.run_id] = delivered.get(item.run_id, "") + item.data["text"]
+    assert delivered == texts
+    assert len(texts) == 2
+    assert all(texts.values())
 
 
 async def test_users_tests_can_drive_a_server_with_it(server: RunningServer) -> None:

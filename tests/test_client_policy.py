@@ -63,6 +63,8 @@ def test_event_decisions() -> None:
     assert event_decision(4, 7, {}) is EventDecision.GAP
     assert event_decision(4, 9, {"from_seq": 5}) is EventDecision.APPLY
     assert event_decision(4, 9, {"from_seq": 6}) is EventDecision.GAP
+    # Overlapping (from_seq <= last < seq): never applied twice; subscribe again from 4.
+    assert event_decision(4, 9, {"from_seq": 3}) is EventDecision.GAP
     assert event_decision(4, 5, {"from_seq": True}) is EventDecision.APPLY  # not a number
 
 

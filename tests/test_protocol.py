@@ -217,6 +217,19 @@ def test_non_string_epoch_is_invalid_field(epoch: object) -> None:
     assert error.close_code is None
 
 
+def test_subscribe_compact_defaults_to_true_and_false_opts_out() -> None:
+    assert parse({"type": "subscribe", "thread_id": "t1"}) == Subscribe("t1", compact=True)
+    frame = parse({"type": "subscribe", "thread_id": "t1", "since_seq": 0, "compact": False})
+    assert frame == Subscribe("t1", 0, None, compact=False)
+
+
+@pytest.mark.parametrize("compact", [0, 1, "false", None, [False]])
+def test_non_boolean_compact_is_invalid_field(compact: object) -> None:
+    error = refused({"type": "subscribe", "thread_id": "t1", "compact": compact})
+    assert error.code == "invalid_field"
+    assert "compact must be true or false" in error.message
+
+
 @pytest.mark.parametrize(
     ("kind", "field"), [("subscribe", "thread_id"), ("unsubscribe", "thread_id"),
                         ("cancel_run", "run_id")]

@@ -277,14 +277,15 @@ class GatedBroker(InMemoryBroker):
     armed: bool = False
 
     async def recover(
-        self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None
+        self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None,
+        *, compact: bool = True,
     ) -> Recovery:
         if not self.armed:
-            return await super().recover(user_id, thread_id, since_seq, epoch)
+            return await super().recover(user_id, thread_id, since_seq, epoch, compact=compact)
         if self.gate_before:
             self.entered.set()
             await self.release.wait()
-        recovery = await super().recover(user_id, thread_id, since_seq, epoch)
+        recovery = await super().recover(user_id, thread_id, since_seq, epoch, compact=compact)
         if not self.gate_before:
             self.entered.set()
             await self.release.wait()
@@ -586,6 +587,34 @@ async def test_a_reload_mid_run_rebuilds_the_whole_answer(
         ack, again = await ack_and_replay(other, since_seq=3, epoch=ack["epoch"])
         assert ack["active_runs"] == []
         assert apply_replay(again, last_seq=3)[0] == {"r1": "".join(deltas)}
+
+
+@BROKERS
+async def test_compact_false_replays_one_frame_per_delta_on_both_brokers(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    """``"compact": false`` (what the Vercel AI translator's resume sends): the replay has the
+    live stream's frames, one per delta, so a client counting frames stays aligned."""
+    deltas = [f"d{n} " for n in range(60)]
+    async with broker_manager(kind, request) as manager:
+        session = manager.get_websocket_manager(ALICE)
+        async with session.run("t1", run_id="r1") as run:
+            for piece in deltas:
+                await run.text(piece)
+        client, _ = await connect(session, capacity=1024)
+        ack, compacted = await ack_and_replay(client, since_seq=0)
+        await client.send({"type": "unsubscribe", "thread_id": "t1"})
+        with trio.fail_after(STEP):
+            assert (await client.receive())["type"] == "unsubscribed"
+        ack, expanded = await ack_and_replay(client, since_seq=20, epoch=ack["epoch"],
+                                             compact=False)
+        assert ack["recovered"] is True
+        assert [f["seq"] for f in expanded] == list(range(21, ack["seq"] + 1))
+        texts = [f["data"] for f in expanded if f["type"] == "agent_text"]
+        assert texts == [{"text": piece} for piece in deltas[19:]]  # seq 1 is agent_started
+        assert any("from_seq" in f["data"] for f in compacted)
+        assert apply_replay(compacted)[0] == {"r1": "".join(deltas)}
+        await assert_nothing_pending(client)
 
 
 @pytest.mark.parametrize(

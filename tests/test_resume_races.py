@@ -60,13 +60,16 @@ class RacingBroker:
         return getattr(self.inner, name)
 
     async def recover(
-        self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None
+        self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None,
+        *, compact: bool = True,
     ) -> Recovery:
         self.requests.append(since_seq)
         before, after = self.delays[next(self._turn) % len(self.delays)]
         for _ in range(before):
             await trio.lowlevel.checkpoint()
-        recovery: Recovery = await self.inner.recover(user_id, thread_id, since_seq, epoch)
+        recovery: Recovery = await self.inner.recover(
+            user_id, thread_id, since_seq, epoch, compact=compact
+        )
         for _ in range(after):
             await trio.lowlevel.checkpoint()
         return recovery

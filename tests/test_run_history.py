@@ -229,6 +229,11 @@ def test_a_replay_from_any_seq_rebuilds_exactly_the_missing_text(
         assert short[-1]["seq"] == full[-1]["seq"]
     # The Redis replay (compaction of stored frames) gives the same frames.
     assert parsed(compact_frames(plain.recover(since, plain.epoch, 0.0).frames)) == short
+    # compact=False expands every span back into the frames sent live: same seqs, same
+    # data, one frame per delta; only a later delta's ts is its span's last one.
+    expanded = parsed(compacted.recover(since, compacted.epoch, 0.0, compact=False).frames)
+    assert [{**f, "ts": 0} for f in expanded] == [{**f, "ts": 0} for f in full]
+    assert all(f["ts"] <= e["ts"] for f, e in zip(full, expanded, strict=True))
 
 
 @given(

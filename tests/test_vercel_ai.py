@@ -88,7 +88,9 @@ def test_resume_replays_the_active_run_from_its_start_after_last_sequence() -> N
     native = translator.upstream(json.dumps(
         {"type": "resume", "requestId": "q2", "id": "chat-1", "lastSequence": 6}
     ))
-    assert json.loads(native[0]) == {"type": "subscribe", "thread_id": "chat-1", "since_seq": 0}
+    assert json.loads(native[0]) == {
+        "type": "subscribe", "thread_id": "chat-1", "since_seq": 0, "compact": False,
+    }
     older = [envelope(1, "agent_started", {"agent_name": "d"}, "r-0"),
              envelope(2, "agent_completed", {"result": 1, "duration_ms": 1}, "r-0")]
     replay = older + [e.replace('"seq":', '"seq":1') for e in RUN[:6]]  # seq 11..16
@@ -225,6 +227,56 @@ async def test_vercel_websocket_chat_turn_and_resume_after_a_drop() -> None:
         ]
         text = "".join(f["chunk"]["delta"] for f in chunks if f["chunk"]["type"] == "text-delta")
         assert text == "Hello, world."
+
+
+#: Deltas of the long run: half before the socket drops, half after.
+DELTAS = 300
+
+
+async def test_vercel_resume_mid_answer_of_many_deltas_rebuilds_exactly_the_text() -> None:
+    """Compacted replays have fewer frames than the live stream: the translator's resume asks
+    for ``compact: false`` so chunk sequences match and nothing is skipped or repeated."""
+    gate, halfway = trio.Event(), trio.Event()
+
+    async def agent(run: Any, text: str) -> str:
+        for i in range(DELTAS):
+            if i == DELTAS // 2:
+                halfway.set()
+                await gate.wait()
+            await run.text(f"w{i} ")
+        return "done"
+
+    async def handle(session: Any, connection: Any, frame: dict[str, Any]) -> None:
+        await trio.lowlevel.checkpoint()
+        session.start_run(frame["thread_id"], agent, frame["text"], agent_name="long")
+
+    async with serving(SETTINGS, message_handler=handle) as served:
+        url = f"ws://127.0.0.1:{served.running.port}/ws?token={issue_token(SECRET, 'carol')}"
+        with trio.fail_after(20):
+            async with open_websocket_url(url, subprotocols=[VERCEL_SUBPROTOCOL]) as ws:
+                await ws.send_message(send_frame("q1", "count"))
+                first: list[dict[str, Any]] = []
+                while len([f for f in first if f["chunk"]["type"] == "text-delta"]) < 40:
+                    first += await read_until(ws, "q1", "text-delta")
+            await halfway.wait()
+            async with open_websocket_url(url, subprotocols=[VERCEL_SUBPROTOCOL]) as ws:
+                await ws.send_message(json.dumps({
+                    "type": "resume", "requestId": "q2", "id": "chat-1",
+                    "lastSequence": first[-1]["sequence"],
+                }))
+                gate.set()
+                rest = await read_until(ws, "q2", "end")
+            manager = served.running.server.manager
+            history = await manager.broker.recover("carol", "chat-1", 0, None)
+        chunks = [f for f in first + rest if f["type"] == "chunk"]
+        assert rest[0] == {"type": "start", "requestId": "q2"}
+        assert [f["sequence"] for f in chunks] == list(range(len(chunks)))
+        text = "".join(f["chunk"]["delta"] for f in chunks if f["chunk"]["type"] == "text-delta")
+        assert text == "".join(f"w{i} " for i in range(DELTAS))
+        # The server's (compacted) history holds the same text.
+        stored = [json.loads(frame) for frame in history.frames]
+        assert "".join(f["data"]["text"] for f in stored if f["type"] == "agent_text") == text
+        assert any("from_seq" in f["data"] for f in stored if f["type"] == "agent_text")
 
 
 async def test_vercel_abort_cancels_the_run() -> None:

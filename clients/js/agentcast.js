@@ -90,6 +90,10 @@ export function backoffDelay(attempt, action, random, backoff = BACKOFF) {
 /**
  * Whether to apply an event of a thread whose last applied seq is `lastSeq`.
  * `data.from_seq` (a compacted replay of `agent_text`) says the event covers from_seq..seq.
+ * seq <= lastSeq is a duplicate (dropped). A frame that overlaps (from_seq <= lastSeq < seq)
+ * cannot be split, so applying it would repeat text: it is a "gap" too, and the client
+ * subscribes again from lastSeq (the server's replay starts exactly at lastSeq + 1). A normal
+ * resume never overlaps: its replay starts at since_seq + 1.
  * @param {number} lastSeq
  * @param {{seq: number, data?: {from_seq?: number}}} event
  * @returns {"apply"|"duplicate"|"gap"}
@@ -97,7 +101,7 @@ export function backoffDelay(attempt, action, random, backoff = BACKOFF) {
 export function eventDecision(lastSeq, event) {
   if (event.seq <= lastSeq) return "duplicate";
   const first = typeof event.data?.from_seq === "number" ? event.data.from_seq : event.seq;
-  return first > lastSeq + 1 ? "gap" : "apply";
+  return first === lastSeq + 1 ? "apply" : "gap";
 }
 
 /**

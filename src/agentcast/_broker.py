@@ -91,9 +91,11 @@ class Broker(Protocol):
         the calling node closes its own."""
 
     async def recover(
-        self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None
+        self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None,
+        *, compact: bool = True,
     ) -> Recovery:
         """The (user, thread) events after ``since_seq``; see ``ThreadHistory.recover``.
+        ``compact`` False gives one frame per ``agent_text`` delta, as delivered live.
 
         Raises:
             TooManyThreads: the stream is new and the user already holds
@@ -310,7 +312,8 @@ class InMemoryBroker:
         await trio.lowlevel.checkpoint()
 
     async def recover(
-        self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None
+        self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None,
+        *, compact: bool = True,
     ) -> Recovery:
         """Answer from the retained history; a stream never seen starts at seq 0.
 
@@ -320,7 +323,7 @@ class InMemoryBroker:
         now = trio.current_time()
         stream = self._stream(user_id, thread_id, now, subscribing=True)
         self._prune(stream, now)
-        return stream.recover(since_seq, epoch, now)
+        return stream.recover(since_seq, epoch, now, compact=compact)
 
     async def attach_user(self, user_id: str) -> None:
         """Nothing to do: every publish on this node is delivered here."""

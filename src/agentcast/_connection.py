@@ -81,8 +81,10 @@ class ConnectionOwner(Protocol):
     def delivery_latency(self) -> DeliveryLatency:
         """The histogram the writer reports delivery latencies to."""
 
-    async def recover(self, thread_id: str, since_seq: int | None, epoch: str | None) -> Recovery:
-        """Replay information for (this user, thread)."""
+    async def recover(
+        self, thread_id: str, since_seq: int | None, epoch: str | None, *, compact: bool = True
+    ) -> Recovery:
+        """Replay information for (this user, thread); ``compact`` False expands text spans."""
 
     def index_subscribe(self, thread_id: str, connection: Connection) -> None:
         """Route the thread's events to ``connection``."""
@@ -545,7 +547,9 @@ class Connection:
         if new:
             self._owner.index_subscribe(thread_id, self)
         try:
-            recovery = await self._owner.recover(thread_id, request.since_seq, request.epoch)
+            recovery = await self._owner.recover(
+                thread_id, request.since_seq, request.epoch, compact=request.compact
+            )
         except BrokerUnavailable as exc:
             # Scale-out mode with Redis down: nothing to replay from; the client retries.
             self.close(CloseCode.SERVICE_RESTART, str(exc))

@@ -224,13 +224,17 @@ class ThreadHistory:
         """The thread's runs that have not ended, oldest first."""
         return self._runs.active(now)
 
-    def recover(self, since_seq: int | None, epoch: str | None, now: float) -> Recovery:
+    def recover(
+        self, since_seq: int | None, epoch: str | None, now: float, *, compact: bool = True
+    ) -> Recovery:
         """Return the events after ``since_seq`` if all of them are still retained.
 
         ``since_seq=None`` asks for live events only (nothing replayed, ``recovered`` False).
         A different ``epoch``, no epoch with ``since_seq > 0``, or a seq outside the retained
         window gives ``recovered`` False and no frames: a client must never mistake a partial
         replay, or another stream's events, for a complete one. ``active_runs`` is always set.
+        ``compact`` False expands each text span back into one frame per delta (the
+        subscribe's ``compact: false``, for clients that count frames).
         """
         self.prune(now)
         latest = self.latest_seq
@@ -241,9 +245,11 @@ class ThreadHistory:
             return Recovery(False, self.epoch, latest, (), active)
         if since_seq > latest or since_seq < self.oldest_seq - 1:
             return Recovery(False, self.epoch, latest, (), active)
-        return Recovery(True, self.epoch, latest, self._frames_after(since_seq), active)
+        return Recovery(
+            True, self.epoch, latest, self._frames_after(since_seq, compact), active
+        )
 
-    def _frames_after(self, since_seq: int) -> list[str]:
+    def _frames_after(self, since_seq: int, compact: bool = True) -> list[str]:
         if since_seq >= self._last or not self._entries:
             return []
         starts = self._starts
@@ -252,6 +258,8 @@ class ThreadHistory:
         for entry in itertools.islice(self._entries, index, None):
             if isinstance(entry, str):
                 frames.append(entry)
-            else:
+            elif compact:
                 frames.append(entry.frame_from(max(since_seq + 1, entry.first_seq)))
+            else:
+                frames.extend(entry.frames_from(max(since_seq + 1, entry.first_seq)))
         return frames

@@ -111,11 +111,14 @@ class ProtocolError(Exception):
 
 @attrs.frozen
 class Subscribe:
-    """``{"type": "subscribe", "thread_id": T, "since_seq"?: N, "epoch"?: E}``."""
+    """``{"type": "subscribe", "thread_id": T, "since_seq"?: N, "epoch"?: E, "compact"?: B}``."""
 
     thread_id: str
     since_seq: int | None = None
     epoch: str | None = None
+    #: False asks for the replay one frame per ``agent_text`` delta, as it was live (a client
+    #: that counts frames, like the Vercel AI translator's chunk sequences, needs it).
+    compact: bool = True
 
 
 @attrs.frozen
@@ -234,8 +237,12 @@ def parse_client_frame(text: str | bytes, *, max_bytes: int) -> ClientFrame:
         epoch = frame.get("epoch")
         if epoch is not None and not isinstance(epoch, str):
             raise ProtocolError("invalid_field", "epoch must be a string")
+        compact = frame.get("compact", True)
+        if not isinstance(compact, bool):
+            raise ProtocolError("invalid_field", "compact must be true or false")
         return Subscribe(
-            _string_field(frame, "thread_id"), _optional_int(frame, "since_seq"), epoch
+            _string_field(frame, "thread_id"), _optional_int(frame, "since_seq"), epoch,
+            compact,
         )
     if kind == "unsubscribe":
         return Unsubscribe(_string_field(frame, "thread_id"))

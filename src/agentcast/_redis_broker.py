@@ -495,14 +495,18 @@ class RedisBroker:
         return await self._require_ops().revocation(user_id)
 
     async def recover(
-        self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None
+        self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None,
+        *, compact: bool = True,
     ) -> Recovery:
-        """Read what was missed from the thread's stream: complete, or ``recovered`` False.
+        """Read what was missed from the thread's stream: complete, or ``recovered`` False;
+        ``compact`` False skips the replay's text compaction.
 
         Raises:
             BrokerUnavailable: Redis is not connected (or the call failed).
         """
-        return await self._require_ops().recover(user_id, thread_id, since_seq, epoch)
+        return await self._require_ops().recover(
+            user_id, thread_id, since_seq, epoch, compact=compact
+        )
 
 
 def _user_of_channel(channel: str) -> str:

@@ -406,9 +406,11 @@ class StreamOps:
         return None if value is None else float(value)
 
     async def recover(
-        self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None
+        self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None,
+        *, compact: bool = True,
     ) -> Recovery:
         """What was missed after ``since_seq``: complete, or ``recovered`` False and nothing.
+        ``compact`` False keeps one frame per delta (the subscribe's ``compact: false``).
 
         Raises:
             BrokerUnavailable: the call failed because Redis is unreachable.
@@ -450,7 +452,7 @@ class StreamOps:
         if not complete:
             return Recovery(False, current, latest, (), active)
         # Redis keeps one entry per delta; the replay compacts them as the in-memory one does.
-        replay = compact_frames(frames) if self.config.compact_text else frames
+        replay = compact_frames(frames) if compact and self.config.compact_text else frames
         return Recovery(True, current, latest, replay, active)
 
     async def presence(self, user_id: str) -> Presence:

@@ -15,7 +15,8 @@ with :func:`compact_frames`. Invariants:
   terminal event is never refused.
 - A compacted span replays as one ``agent_text`` whose ``seq`` is its last delta's and whose
   ``data`` is ``{"text": <the deltas joined>, "from_seq": <first delta's seq it covers>}``;
-  a replay covering one delta of a span gives that delta's own frame, unchanged.
+  a replay covering one delta of a span gives that delta's own frame, unchanged. A replay
+  asked with ``compact: false`` expands a span into one frame per delta (its lengths are kept).
 """
 
 from __future__ import annotations
@@ -250,6 +251,28 @@ class TextSpan:
             data = orjson.dumps({"text": text}).decode()
             return f'{self.prefix}{seq},"ts":{self.last_ts!r},"data":{data}}}'
         return compacted_frame(self.prefix, self.last_seq, self.last_ts, text, seq)
+
+    def frames_from(self, seq: int) -> list[str]:
+        """The span's deltas from ``seq`` on expanded back into one frame each, as a replay
+        with ``compact: false`` sends them (``first_seq <= seq <= last_seq``).
+
+        The first delta's frame is the one stored, unchanged. The span keeps only its last
+        delta's send time, so every later delta's frame carries that ``ts``: never earlier
+        than when the delta was sent, possibly later (a delta's own ``ts`` is not retained).
+        """
+        frames: list[str] = []
+        offset = 0
+        for index, length in enumerate(self.lengths):
+            delta_seq = self.first_seq + index
+            if delta_seq >= seq:
+                if index == 0:
+                    frames.append(self.first_frame)
+                else:
+                    chunk = self.text[offset : offset + length].decode()
+                    data = orjson.dumps({"text": chunk}).decode()
+                    frames.append(f'{self.prefix}{delta_seq},"ts":{self.last_ts!r},"data":{data}}}')
+            offset += length
+        return frames
 
 
 def compacted_frame(prefix: str, seq: int, ts: float, text: str, from_seq: int) -> str:

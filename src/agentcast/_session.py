@@ -446,13 +446,18 @@ class UserSession:
 
     # ---- ConnectionOwner --------------------------------------------------------------------
 
-    async def recover(self, thread_id: str, since_seq: int | None, epoch: str | None) -> Recovery:
-        """What this user missed on a thread (used by connections on subscribe).
+    async def recover(
+        self, thread_id: str, since_seq: int | None, epoch: str | None, *, compact: bool = True
+    ) -> Recovery:
+        """What this user missed on a thread (used by connections on subscribe); ``compact``
+        False replays each ``agent_text`` delta as its own frame.
 
         Raises:
             BrokerUnavailable: the broker's backend is down; the connection closes with 1012.
         """
-        return await self._broker.recover(self.user_id, thread_id, since_seq, epoch)
+        return await self._broker.recover(
+            self.user_id, thread_id, since_seq, epoch, compact=compact
+        )
 
     def holds_thread(self, thread_id: str) -> bool:
         """Whether a connection of this user is subscribed to the thread or a run writes to

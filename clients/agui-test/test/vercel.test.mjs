@@ -65,6 +65,10 @@ test("after a dropped socket the transport resumes the whole answer", { timeout:
   const text = message.parts.filter((p) => p.type === "text").map((p) => p.text).join("");
   const events = await history(server, chatId, { WebSocket });
   assert.equal(text.trim(), events.find((e) => e.type === "agent_completed").data.result.answer);
+  // Exactly the server's history text (its replay may be compacted: one agent_text frame
+  // covering data.from_seq..seq), nothing skipped or repeated across the resume.
+  const stored = events.filter((e) => e.type === "agent_text").map((e) => e.data.text).join("");
+  assert.equal(text, stored);
 });
 
 test("an abort cancels the run on the server", { timeout: 30_000 }, async () => {

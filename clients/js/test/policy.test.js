@@ -30,6 +30,8 @@ test("events: duplicates by seq, gaps, and compacted replays (data.from_seq)", (
   assert.equal(eventDecision(4, { seq: 7, data: {} }), "gap");
   assert.equal(eventDecision(4, { seq: 9, data: { from_seq: 5 } }), "apply");
   assert.equal(eventDecision(4, { seq: 9, data: { from_seq: 6 } }), "gap");
+  // Overlapping (from_seq <= last < seq): never applied twice; subscribe again from 4.
+  assert.equal(eventDecision(4, { seq: 9, data: { from_seq: 3 } }), "gap");
   assert.equal(eventDecision(9, { seq: 9, data: { from_seq: 5 } }), "duplicate");
 });
 

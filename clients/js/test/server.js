@@ -88,3 +88,21 @@ export const FAST = { initial: 50, throttleInitial: 400, max: 1000, stableAfter:
 export function contiguous(seqs) {
   return seqs.every((seq, index) => index === 0 || seq === seqs[index - 1] + 1);
 }
+
+/**
+ * Whether events cover their seqs without gap or overlap: each starts (at data.from_seq, for a
+ * compacted replay of agent_text, else at its seq) right after the previous one's seq.
+ */
+export function covering(events) {
+  return events.every((e, index) => index === 0
+    || (typeof e.data?.from_seq === "number" ? e.data.from_seq : e.seq) === events[index - 1].seq + 1);
+}
+
+/** Each run's agent_text joined, keyed by run id. */
+export function runTexts(events) {
+  const texts = {};
+  for (const e of events) {
+    if (e.type === "agent_text" && e.run_id) texts[e.run_id] = (texts[e.run_id] ?? "") + e.data.text;
+  }
+  return texts;
+}

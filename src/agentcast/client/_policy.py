@@ -123,12 +123,18 @@ class EventDecision(enum.StrEnum):
 
 def event_decision(last_seq: int, seq: int, data: Mapping[str, Any]) -> EventDecision:
     """Whether to apply an event ``seq`` of a thread whose last applied seq is ``last_seq``;
-    ``data["from_seq"]`` (a compacted replay of ``agent_text``) covers from_seq..seq."""
+    ``data["from_seq"]`` (a compacted replay of ``agent_text``) covers from_seq..seq.
+
+    ``seq <= last_seq``: a duplicate, dropped (nothing in it is new). A frame that overlaps
+    (``from_seq <= last_seq < seq``) is not applied either: its text cannot be split, so
+    applying it would repeat text; like a gap it makes the client subscribe again from
+    ``last_seq``, and the server's replay starts exactly at ``last_seq + 1``. (A normal resume
+    never overlaps: its replay starts at ``since_seq + 1``.)"""
     if seq <= last_seq:
         return EventDecision.DUPLICATE
     from_seq = data.get("from_seq")
     first = from_seq if isinstance(from_seq, int) and not isinstance(from_seq, bool) else seq
-    return EventDecision.GAP if first > last_seq + 1 else EventDecision.APPLY
+    return EventDecision.APPLY if first == last_seq + 1 else EventDecision.GAP
 
 
 @attrs.frozen

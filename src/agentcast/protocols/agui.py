@@ -160,6 +160,10 @@ class AguiTranslator:
             text = data.get("text")
             if not isinstance(text, str) or not text:
                 return  # AG-UI refuses an empty delta; the seq is simply not carried
+            from_seq = data.get("from_seq")
+            if isinstance(from_seq, int) and not isinstance(from_seq, bool):
+                # A compacted replay frame: one CONTENT for seqs from_seq .. seq.
+                meta = {**meta, "from_seq": from_seq}
             if not state.text_open:
                 state.text_open = True
                 out.append({

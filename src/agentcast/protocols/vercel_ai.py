@@ -7,7 +7,10 @@ both ways (the framing is the ``ai`` package's, read from its ``WebSocketChatTra
   ``user_message`` with the last user message's text; the request then follows the next run
   that starts on that thread.
 - upstream ``resume`` {requestId, id, lastSequence?} → native ``subscribe`` with ``since_seq: 0``
-  (the thread's retained history): the latest run, if it has not ended, is replayed from its
+  and ``compact: false`` (the thread's retained history, one frame per ``agent_text`` delta
+  as live: a compacted replay has fewer chunks than the live stream had, which shifted the
+  sequences, so a resumed client skipped or repeated text): the latest run, if it has not
+  ended, is replayed from its
   start (``start`` frame, then its chunks after ``lastSequence``) and followed live; otherwise
   the answer is ``no-active``. A history that no longer reaches back is an ``error``.
 - upstream ``abort`` {requestId} → native ``cancel_run`` of the request's run.
@@ -177,7 +180,11 @@ class VercelTranslator:
             if last is not None and (isinstance(last, bool) or not isinstance(last, int)):
                 return [_error(request_id, "lastSequence must be an integer")]
             self._track(_Request(request_id, thread_id, True, -1 if last is None else last))
-            return [dump({"type": "subscribe", "thread_id": thread_id, "since_seq": 0})]
+            # compact: false: chunk sequences are counted per live event, so the replay must
+            # have the live stream's events, not compacted text spans.
+            return [dump({
+                "type": "subscribe", "thread_id": thread_id, "since_seq": 0, "compact": False,
+            })]
         text = _last_user_text(frame.get("messages"))
         if text is None:
             return [_error(request_id, "send needs a user message with a text part")]

@@ -65,9 +65,10 @@ class MeteredBroker:
         await self.inner.publish_disconnect(user_id, code, reason)
 
     async def recover(
-        self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None
+        self, user_id: str, thread_id: str, since_seq: int | None, epoch: str | None,
+        *, compact: bool = True,
     ) -> Recovery:
-        return await self.inner.recover(user_id, thread_id, since_seq, epoch)
+        return await self.inner.recover(user_id, thread_id, since_seq, epoch, compact=compact)
 
     async def attach_user(self, user_id: str) -> None:
         await self.inner.attach_user(user_id)
