@@ -115,7 +115,7 @@ def end_to_end(url: str) -> dict[str, Any]:
         shot = page.screenshot(full_page=True)
         result = {
             "user": page.inner_text(".msg.user"),
-            "steps": page.eval_on_selector_all(f"{RUN} ol.steps li", STEP_TYPES),
+            "steps": page.eval_on_selector_all(f"{RUN} ol.steps > li", STEP_TYPES),
             "tool_args": page.inner_text(f"{RUN} li[data-type='tool_executing'] dl.kv"),
             "tool_result": page.inner_text(f"{RUN} li[data-type='tool_completed']"),
             "durations": page.eval_on_selector_all(
@@ -128,10 +128,12 @@ def end_to_end(url: str) -> dict[str, Any]:
             "seq": int(page.inner_text("#stat-seq")),
             "epoch": page.inner_text("#stat-epoch"),
             "applied": page.evaluate(APPLIED),
-            "favicon": page.evaluate("fetch('/favicon.ico').then(r => [r.status, r.headers.get('content-type')])"),
+            "favicon": page.evaluate(
+                "fetch('/favicon.ico').then(r => [r.status, r.headers.get('content-type')])"),
             "html_in_answer": page.evaluate(f"document.querySelector('{RUN} .answer').innerHTML"),
             "paragraphs": page.evaluate(
-                "window.agentcastDemo.paragraphs('One\\nline two\\n\\n<img src=x onerror=alert(1)>')"
+                "window.agentcastDemo.paragraphs("
+                "'One\\nline two\\n\\n<img src=x onerror=alert(1)>')"
                 ".map(p => [p.tagName, p.textContent, p.children.length])"),
             "shot": shot,
             "failures": failures.seen,
@@ -144,13 +146,18 @@ async def test_a_run_end_to_end_chat_and_timeline() -> None:
     assert result["failures"] == []
     assert result["user"] == "What is structured concurrency?"
     steps = result["steps"]
-    assert steps[0] == "agent_started" and steps[-1] == "agent_completed"
-    assert steps.index("agent_thinking") < steps.index("tool_executing") < steps.index("tool_completed")
+    assert steps[0] == "agent_started"
+    assert steps[-1] == "agent_completed"
+    assert steps.index("agent_thinking") < steps.index("tool_executing")
+    assert steps.index("tool_executing") < steps.index("tool_completed")
+    assert None not in steps
     assert "agent_text" not in steps  # the answer is the chat bubble, not timeline noise
     assert result["bars"] == 4  # every thinking step shows its progress
     # Arguments and results as key/value lists, not a JSON dump.
-    assert "query" in result["tool_args"] and "limit" in result["tool_args"]
-    assert "{" not in result["tool_args"] and "{" not in result["tool_result"]
+    assert "query" in result["tool_args"]
+    assert "limit" in result["tool_args"]
+    assert "{" not in result["tool_args"]
+    assert "{" not in result["tool_result"]
     assert "Result 1 about What is structured concurrency?" in result["tool_result"]
     assert result["durations"][0].endswith(" ms") or result["durations"][0].endswith(" s")
     assert result["answer"].startswith("I found 3 sources about 'What is structured concurrency?'")
@@ -161,7 +168,8 @@ async def test_a_run_end_to_end_chat_and_timeline() -> None:
     assert result["pill"] == "completed"
     assert result["thread_title"].startswith("What is structured")
     assert covered(result["applied"]) == list(range(1, result["seq"] + 1))
-    assert result["events"] == len(result["applied"]) and result["epoch"] not in ("", "–")
+    assert result["events"] == len(result["applied"])
+    assert result["epoch"] not in ("", "\N{EN DASH}")
     assert result["favicon"] == [200, "image/svg+xml"]
     assert result["shot"].startswith(b"\x89PNG")
     if os.environ.get("AGENTCAST_UPDATE_SCREENSHOT") == "1":
@@ -179,7 +187,7 @@ def cancel_after_reload(url: str) -> dict[str, Any]:
         user = page.inner_text(".msg.user")
         page.click(f"{RUN} button.cancel")
         page.wait_for_selector(f"{RUN}[data-status='cancelled']", timeout=WAIT)
-        steps = page.eval_on_selector_all(f"{RUN} ol.steps li", STEP_TYPES)
+        steps = page.eval_on_selector_all(f"{RUN} ol.steps > li", STEP_TYPES)
         return {"user": user, "steps": steps, "cancel_buttons": len(page.query_selector_all(
             "button.cancel")), "failures": failures.seen}
 
@@ -219,7 +227,7 @@ def reload_mid_answer(url: str) -> dict[str, Any]:
             "first": first, "first_again": answer_of(page, 0), "before": before,
             "after_reload": after_reload, "answer": answer_of(page, 1),
             "users": page.eval_on_selector_all(".msg.user", "els => els.map(e => e.textContent)"),
-            "steps": page.eval_on_selector_all(f"{RUN} >> nth=1 >> ol.steps li", STEP_TYPES),
+            "steps": page.eval_on_selector_all(f"{RUN} >> nth=1 >> ol.steps > li", STEP_TYPES),
             "applied": page.evaluate(APPLIED), "seq": int(page.inner_text("#stat-seq")),
             "failures": failures.seen,
         }
@@ -236,8 +244,10 @@ async def test_a_reload_mid_answer_shows_the_whole_conversation_so_far() -> None
     assert result["answer"].startswith("I found 3 sources about 'Reload me'")
     assert result["answer"].rstrip().endswith("Result 1 about Reload me.")
     steps = result["steps"]
-    assert steps[0] == "agent_started" and steps[-1] == "agent_completed"
-    assert "tool_executing" in steps and "tool_completed" in steps
+    assert steps[0] == "agent_started"
+    assert steps[-1] == "agent_completed"
+    assert "tool_executing" in steps
+    assert "tool_completed" in steps
     # The reloaded page applied the whole stream once, no gap (compacted frames counted whole).
     assert covered(result["applied"]) == list(range(1, result["seq"] + 1))
 
@@ -260,7 +270,7 @@ def drop_and_resume(url: str) -> dict[str, Any]:
             "states": page.evaluate("window.connStates"), "log": page.inner_text("#resume-log"),
             "applied": page.evaluate(APPLIED), "seq": int(page.inner_text("#stat-seq")),
             "reconnects": int(page.inner_text("#stat-reconnects")),
-            "steps": page.eval_on_selector_all(f"{RUN} ol.steps li", STEP_TYPES),
+            "steps": page.eval_on_selector_all(f"{RUN} ol.steps > li", STEP_TYPES),
             "answer": answer_of(page), "failures": failures.seen,
         }
 
@@ -298,7 +308,7 @@ def two_tabs(url: str) -> dict[str, Any]:
         )
         seen = [{"users": p.eval_on_selector_all(".msg.user", "els => els.map(e => e.textContent)"),
                  "answers": [answer_of(p, 0), answer_of(p, 1)],
-                 "steps": p.eval_on_selector_all("ol.steps li", STEP_TYPES)}
+                 "steps": p.eval_on_selector_all("ol.steps > li", STEP_TYPES)}
                 for p in (first, second)]
         return {"seen": seen, "failures": failures.seen}
 
@@ -333,8 +343,10 @@ async def test_a_360px_viewport_is_usable() -> None:
     assert result["scroll_width"] <= NARROW["width"]  # nothing scrolls sideways
     for selector, box in result["boxes"].items():
         assert box is not None, selector
-        assert box["x"] >= 0 and box["x"] + box["width"] <= NARROW["width"] + 0.5, selector
-        assert box["width"] > 0 and box["height"] > 0, selector
+        assert box["x"] >= 0, selector
+        assert box["x"] + box["width"] <= NARROW["width"] + 0.5, selector
+        assert box["width"] > 0, selector
+        assert box["height"] > 0, selector
     assert result["boxes"]["#send"]["width"] >= 44  # a tappable button
     assert result["answer"].startswith("I found 3 sources about 'Fits on a phone?'")
     if os.environ.get("AGENTCAST_UPDATE_SCREENSHOT") == "1":
