@@ -266,10 +266,19 @@ def drop_and_resume(url: str) -> dict[str, Any]:
         page.click("#drop")
         page.wait_for_selector("#resume-log li:has-text('resuming after')", timeout=WAIT)
         page.wait_for_selector(f"{RUN}[data-status='completed']", timeout=WAIT)
+        reconnects = int(page.inner_text("#stat-reconnects"))
+        applied = page.evaluate(APPLIED)
+        seq = int(page.inner_text("#stat-seq"))
+        # The browser loses the network altogether: the badge says so, then recovers.
+        page.context.set_offline(True)
+        page.wait_for_selector("#conn[data-state='offline']", timeout=WAIT)
+        offline = page.inner_text("#conn")
+        page.context.set_offline(False)
+        page.wait_for_selector("#conn[data-state='open']", timeout=WAIT)
         return {
+            "offline": offline,
             "states": page.evaluate("window.connStates"), "log": page.inner_text("#resume-log"),
-            "applied": page.evaluate(APPLIED), "seq": int(page.inner_text("#stat-seq")),
-            "reconnects": int(page.inner_text("#stat-reconnects")),
+            "applied": applied, "seq": seq, "reconnects": reconnects,
             "steps": page.eval_on_selector_all(f"{RUN} ol.steps > li", STEP_TYPES),
             "answer": answer_of(page), "failures": failures.seen,
         }
@@ -280,7 +289,8 @@ async def test_a_dropped_connection_resumes_with_no_gap() -> None:
     assert result["failures"] == []
     assert any(s.startswith("reconnecting reconnecting (4000)") for s in result["states"])
     assert result["states"][-1] == "open connected"
-    assert result["reconnects"] == 1
+    assert result["reconnects"] == 1  # the drop, before the network went away
+    assert result["offline"].startswith("offline")
     assert covered(result["applied"]) == list(range(1, result["seq"] + 1))
     assert result["steps"].count("tool_completed") == 1
     assert result["answer"].startswith("I found 3 sources about 'Resume me'")
