@@ -8,6 +8,7 @@ Every test also fails on any failed request or 4xx/5xx answer (the favicon inclu
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -265,6 +266,7 @@ def drop_and_resume(url: str) -> dict[str, Any]:
         page.wait_for_selector(f"{RUN} li[data-type='tool_executing']", timeout=WAIT)
         page.click("#drop")
         page.wait_for_selector("#resume-log li:has-text('resuming after')", timeout=WAIT)
+        page.wait_for_selector("#resume-log li:has-text('nothing lost')", timeout=WAIT)
         page.wait_for_selector(f"{RUN}[data-status='completed']", timeout=WAIT)
         reconnects = int(page.inner_text("#stat-reconnects"))
         applied = page.evaluate(APPLIED)
@@ -290,6 +292,9 @@ async def test_a_dropped_connection_resumes_with_no_gap() -> None:
     assert any(s.startswith("reconnecting reconnecting (4000)") for s in result["states"])
     assert result["states"][-1] == "open connected"
     assert result["reconnects"] == 1  # the drop, before the network went away
+    resumed = re.search(r"resumed: #(\d+)(?:\.\.\d+)? follows #(\d+), nothing lost", result["log"])
+    assert resumed is not None, result["log"]
+    assert int(resumed[1]) == int(resumed[2]) + 1  # the first event after the drop is the next
     assert result["offline"].startswith("offline")
     assert covered(result["applied"]) == list(range(1, result["seq"] + 1))
     assert result["steps"].count("tool_completed") == 1
