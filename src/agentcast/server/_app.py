@@ -45,6 +45,7 @@ from ._settings import ServerSettings
 from ._sse import AGUI_CANCEL_PATH, AGUI_PATH, serve_agui
 from ._static import FAVICON_CACHE_CONTROL, FAVICON_PATHS, FAVICON_TYPE, favicon
 from ._tokens import MemoryRevocations, Revocations, TokenVerifier
+from ._wsconn import WriteThrough
 
 __all__ = ["Server"]
 
@@ -442,11 +443,14 @@ class Server:
                 if ws is None:
                     nursery.cancel_scope.cancel()
                     return
+                # Sends write through to the socket when it can take them (see _wsconn).
+                raw = stream.inner.inner if isinstance(stream.inner, InboundGuard) else stream.inner
+                transport = WriteThrough.wrap(ws, raw)
                 # A token naming threads subscribes to them and confines the client to them.
                 # agentcast.agui / agentcast.vercel-ai: translated at the edge (batched
                 # inside, the translator frames what the client receives).
                 connection = await session.add_connection(
-                    wrap_transport(ws, subprotocol), threads=claims.threads,
+                    wrap_transport(transport, subprotocol), threads=claims.threads,
                     allowed_threads=claims.threads or None, slot=slot,
                     credentials=self.tokens.grant(claims),
                     batch=True if subprotocol in SUBPROTOCOLS else None,
