@@ -43,6 +43,7 @@ from ._keepalive import Keepalive
 from ._metrics import CONTENT_TYPE, Metrics
 from ._settings import ServerSettings
 from ._sse import AGUI_CANCEL_PATH, AGUI_PATH, serve_agui
+from ._static import FAVICON_CACHE_CONTROL, FAVICON_PATHS, FAVICON_TYPE, favicon
 from ._tokens import MemoryRevocations, Revocations, TokenVerifier
 from ._wsconn import WriteThrough
 
@@ -219,6 +220,12 @@ class Server:
             else:
                 await self._respond(stream, 200, script.body, head=head,
                                     content_type=SCRIPT_TYPE, extra_headers=cache)
+        elif path in FAVICON_PATHS:
+            # Every browser asks for /favicon.ico: answer it rather than log a 404.
+            icon, etag = favicon()
+            await self._respond(stream, 200, icon, head=head, content_type=FAVICON_TYPE,
+                                extra_headers=[("ETag", etag),
+                                               ("Cache-Control", FAVICON_CACHE_CONTROL)])
         elif path == "/" and self.demo_page is not None:
             await self._respond(
                 stream, 200, self.demo_page, head=head, content_type="text/html; charset=utf-8"
