@@ -15,14 +15,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
-from trio_websocket import open_websocket_url
 
 from agentcast import Config
 from agentcast.server._settings import ServerSettings
 
 from .rawws import TEXT, encode_frame
 from .serverkit import serving
-from .test_server_faults import SECRET, Bystander, Fixture, read_json
+from .test_server_faults import SECRET, Bystander, Fixture, read_json, watching
 
 LIMIT = 10
 THREADS_CAP = 100
@@ -51,15 +50,8 @@ async def fixture() -> AsyncIterator[Fixture]:
 
 @pytest.fixture
 async def bystander(fixture: Fixture) -> AsyncIterator[Bystander]:
-    url = f"ws://127.0.0.1:{fixture.port}/ws?token={fixture.token('bystander')}"
-    async with open_websocket_url(url) as ws:
-        await ws.send_message(json.dumps({"type": "subscribe", "thread_id": "t1"}))
-        assert json.loads(await ws.get_message())["type"] == "subscribed"
-        watcher = Bystander(ws, fixture)
-        await watcher.check_complete()
+    async with watching(fixture) as watcher:
         yield watcher
-        await watcher.check_complete()
-    await trio.aclose_forcefully(ws._stream)
 
 
 def upgrade_head(token: str) -> bytes:

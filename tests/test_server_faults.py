@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import attrs
 import pytest
@@ -125,8 +126,9 @@ async def fixture() -> AsyncIterator[Fixture]:
                 await client.aclose()
 
 
-@pytest.fixture
-async def bystander(fixture: Fixture) -> AsyncIterator[Bystander]:
+@asynccontextmanager
+async def watching(fixture: Fixture) -> AsyncIterator[Bystander]:
+    """Another user's tab for the block: its stream is complete before and after."""
     url = f"ws://127.0.0.1:{fixture.port}/ws?token={fixture.token('bystander')}"
     async with open_websocket_url(url) as ws:
         await ws.send_message(json.dumps({"type": "subscribe", "thread_id": "t1"}))
@@ -137,6 +139,12 @@ async def bystander(fixture: Fixture) -> AsyncIterator[Bystander]:
         await watcher.check_complete()
     # trio-websocket's client can leave its socket open after the close; make sure.
     await trio.aclose_forcefully(ws._stream)
+
+
+@pytest.fixture
+async def bystander(fixture: Fixture) -> AsyncIterator[Bystander]:
+    async with watching(fixture) as watcher:
+        yield watcher
 
 
 @pytest.mark.parametrize(

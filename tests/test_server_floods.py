@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
-from trio_websocket import open_websocket_url
 
 from agentcast import Config, Connection
 from agentcast.server._inbound import InboundGuard, InboundStatistics
@@ -24,7 +23,7 @@ from agentcast.server._settings import ServerSettings
 from .rawws import CLOSE, CONTINUATION, PING, PONG, TEXT, RawClient, encode_frame
 from .serverkit import serving
 from .test_frames import raw_frame
-from .test_server_faults import SECRET, Bystander, Fixture, read_json
+from .test_server_faults import SECRET, Bystander, Fixture, read_json, watching
 
 #: Bytes per second and burst of the byte bucket: small, so a flood shows it within seconds.
 BYTE_RATE = 64 * 1024
@@ -62,15 +61,8 @@ async def fixture(caplog: pytest.LogCaptureFixture) -> AsyncIterator[Fixture]:
 
 @pytest.fixture
 async def bystander(fixture: Fixture) -> AsyncIterator[Bystander]:
-    url = f"ws://127.0.0.1:{fixture.port}/ws?token={fixture.token('bystander')}"
-    async with open_websocket_url(url) as ws:
-        await ws.send_message(json.dumps({"type": "subscribe", "thread_id": "t1"}))
-        assert json.loads(await ws.get_message())["type"] == "subscribed"
-        watcher = Bystander(ws, fixture)
-        await watcher.check_complete()
+    async with watching(fixture) as watcher:
         yield watcher
-        await watcher.check_complete()
-    await trio.aclose_forcefully(ws._stream)
 
 
 def inbound(connection: Connection) -> InboundStatistics:
