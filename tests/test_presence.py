@@ -9,13 +9,11 @@ Rules: the in-memory tests use no sockets; the Redis ones use real sockets, so n
 from __future__ import annotations
 
 import gc
-import os
 import signal
 import subprocess
-import sys
 import warnings
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import coredis
@@ -40,6 +38,7 @@ from agentcast.server import issue_token
 
 from .helpers import connect
 from .redis_server import RedisServer
+from .test_redis_nodes import agentcast_serve
 
 #: Seconds any single step may take.
 STEP = 10.0
@@ -158,26 +157,6 @@ async def test_a_nodes_late_smaller_count_never_overwrites_a_newer_one(
         assert await ops.presence("alice") == Presence(3, 2)
         assert await ops.sync_presence("alice", "n1", 0, None, seq=3) == (True, 1, 1)
         assert await ops.presence("alice") == Presence(1, 1)
-
-
-@contextmanager
-def agentcast_serve(*args: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    env = {**os.environ, "AGENTCAST_SECRET": SECRET, "AGENTCAST_LOG_LEVEL": "WARNING"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "agentcast", "serve", "--port", "0", *args],
-        stdout=subprocess.PIPE, text=True, env=env,
-    )
-    try:
-        assert process.stdout is not None
-        first = process.stdout.readline()
-        assert first.startswith("agentcast listening on http://"), first
-        yield process, int(first.rsplit(":", 1)[1])
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(STEP)
-        if process.stdout is not None:
-            process.stdout.close()
 
 
 async def refused_status(port: int) -> int | None:
