@@ -11,22 +11,27 @@ import trio
 import trio.testing
 
 from agentcast import CloseCode
-from agentcast.server._keepalive import Keepalive
+from agentcast.server._keepalive import Keepalive, Watch
 
 INTERVAL, TIMEOUT = 10.0, 4.0
 
 
 @attrs.define
 class FakeWebSocket:
-    """Answers pings at once, or never once ``silent`` is set; records when it was pinged."""
+    """Answers pings at once (its pong reaches the watch as the reader would pass it), or never
+    once ``silent`` is set; records when it was pinged."""
 
     silent: bool = False
     pinged_at: list[float] = attrs.Factory(list)
+    watch: Watch | None = None
 
-    async def ping(self) -> None:
+    def send_ping(self, payload: bytes) -> bool:
         self.pinged_at.append(trio.current_time())
-        if self.silent:
-            await trio.sleep_forever()
+        if not self.silent and self.watch is not None:
+            self.watch.pong(payload)
+        return False
+
+    async def flush(self) -> None:
         await trio.lowlevel.checkpoint()
 
 

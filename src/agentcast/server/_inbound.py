@@ -1,5 +1,5 @@
-"""The inbound guard: a thin stream under trio-websocket that limits what a client sends
-below the message level.
+"""The inbound guard: a thin stream under the server's WebSocket that limits what a client
+sends below the message level.
 
 The standalone server owns each client's TCP stream, so it can see every frame header before
 wsproto does. :class:`InboundGuard` wraps the socket stream and feeds each chunk it reads to a
@@ -15,7 +15,8 @@ frames per second) and charges it to a byte and a frame :class:`~agentcast._fram
   read nor parsed, so a flood costs no more CPU and TCP backpressure stalls the flooder. The
   close then ends at ``Config.close_timeout``, when the connection's own deadline drops it.
 
-No task is added per connection: the guard runs inside trio-websocket's reader task.
+No task is added per connection: the guard runs in the task that reads the connection
+(``_wsconn.ServerWebSocket.get_message``, the connection's reader).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ __all__ = ["InboundGuard", "InboundStatistics"]
 
 log = logging.getLogger("agentcast.server")
 
-#: Bytes read per call when the caller does not say (trio-websocket asks for 4 KiB).
+#: Bytes read per call when the caller does not say (the server's WebSocket asks for 4 KiB).
 READ_CHUNK: Final = 4096
 #: Frames one read may hold once a client is over its frame rate: it is then read in small
 #: steps (at most this many frames each, ~1-2 ms of wsproto's time), not one 4 KiB read of
@@ -90,11 +91,11 @@ class InboundGuard(trio.abc.Stream):
     def under(
         cls, inner: trio.abc.Stream, raw_head: bytes, config: Config
     ) -> tuple[InboundGuard, bytes]:
-        """Guard ``inner``; returns the guard and what to replay into the WebSocket library.
+        """Guard ``inner``; returns the guard and the client's first frame bytes to handle.
 
         ``raw_head`` is every byte read while reading the request head: a client may send its
         first frames in the same segment, so what follows the head goes through the scanner
-        too (and is replayed only as far as the scanner lets it).
+        too (and is handed on only as far as the scanner lets it).
         """
         now = trio.current_time()
         limits = FrameLimits.from_config(config)
@@ -107,13 +108,13 @@ class InboundGuard(trio.abc.Stream):
         end = len(raw_head) if end < 0 else end + len(HEAD_END)
         early = raw_head[end:]
         if not early:
-            return guard, raw_head
+            return guard, b""
         guard._received += len(early)
         guard._bytes.charge(len(early), now)
         passed = guard.scanner.feed(early, now)
         guard._frames.charge(guard.scanner.frames, now)
         guard._passed += len(passed)
-        return guard, raw_head[:end] + passed
+        return guard, passed
 
     def on_violation(self, callback: OnViolation) -> None:
         """Call ``callback(code, reason)`` on the first broken rule (at once if one was and
@@ -146,10 +147,10 @@ class InboundGuard(trio.abc.Stream):
         size = min(max_bytes or READ_CHUNK, self._bytes.capacity)
         while True:
             if self.scanner.violation is not None:
-                # The library asks for more, so it has handled every frame passed before the
-                # offending one (trio-websocket answers each ping as it handles it; a close
-                # sent earlier would make the pongs after it raise). Now close, and read
-                # nothing more: the connection's close deadline cancels this wait.
+                # The reader asks for more, so it has handled every frame passed before the
+                # offending one (each ping answered as it was handled; a close sent earlier
+                # would drop the pongs after it). Now close, and read nothing more: the
+                # connection's close deadline cancels this wait.
                 self._drained = True
                 self._report()
                 await trio.sleep_forever()

@@ -1,101 +1,198 @@
-"""The standalone server's Transport: a trio-websocket connection whose sends write through.
+"""The standalone server's own WebSocket connection: wsproto's frames, written through.
 
-trio-websocket's ``send_message`` costs three scheduler steps per message even when the socket
-could take the bytes at once: the writer wakes, the connection's ``StrictFIFOLock`` yields on a
-free lock, and trio's ``socket.send`` yields again; and wsproto's frame encoder is most of the
-CPU left. :class:`WriteThrough` keeps every other part of trio-websocket (handshake, reader
-task, pings, close handshake) and sends a data message like this instead:
+``agentcast serve`` speaks WebSocket itself instead of through trio-websocket (issue 12): an
+idle trio-websocket connection costs a reader task of its own, a one-message channel, a send
+lock and its retained h11 handshake, and every send three scheduler steps. A
+:class:`ServerWebSocket` is one object over the client's socket, with no task of its own:
 
-* nobody holds the send lock, the connection is open and the socket is a plain TCP socket:
-  encode the frame (:func:`agentcast._wsframe.data_frame`) and ``os.write`` it to the
-  non-blocking socket, in the step that dequeued it. No yield, no task.
-* the socket takes only part of it: the rest goes out under the send lock with trio's
-  ``send_all`` (a cancellation part-way leaves half a frame, which the caller handles as for
-  any cut write: ``Connection`` aborts it);
-* anything else (the lock held by a ping, a pong or a close; a socket that would block; an
-  error; a connection closing): trio-websocket's own ``send_message``, unchanged.
+* **reading** happens in the task that calls :meth:`~ServerWebSocket.get_message` (the
+  connection's reader): bytes come through the frame guard (``_inbound.InboundGuard``: frame
+  rules, fragments 1008, control-frame floods 4029, byte and frame rates by reading later) and
+  go to the pure ``_wsstate.ServerProtocol`` (wsproto), which says what to deliver, what to
+  answer (pongs, the close reply, 1002/1007/1009) and when it is over;
+* **sending** is write-through: a frame (the pure ``agentcast._wsframe`` encoder) is
+  ``os.write``-n to the non-blocking socket in the step that asked, with no yield. Only a
+  socket that would block makes the caller wait: the rest goes into a backlog that one task
+  at a time writes as the socket drains, and every frame after it queues behind it, so frames
+  never interleave. The connection's write watchdog (``Connection.check_write``) bounds that
+  wait for the writer; the reader's replies are bounded by ``write_timeout`` here;
+* **closing**: :meth:`~ServerWebSocket.aclose` sends the close frame and reads (through the
+  guard) until the client's reply, the caller bounding it (``close_transport``); entered
+  already cancelled (``abort_transport``) it writes nothing. Every way a connection ends closes
+  the socket, so nothing else has to hold it: the server's handler task ends after the
+  handshake;
+* **keepalive**: ``_keepalive.Keepalive`` writes pings with :meth:`~ServerWebSocket.send_ping`
+  and is told of pongs by the reader (``watch.pong``).
 
-Ordering holds: all other writers (pings, pongs, close frames) go through the send lock, and a
-write-through happens only while it is free, so no frame ever interleaves with another.
-
-This relies on trio-websocket's private attributes (:data:`PRIVATE_ATTRIBUTES`); pyproject pins
-the version they were checked on, ``tests/test_server_wsconn.py`` checks they exist, and
-:meth:`WriteThrough.wrap` falls back to the plain connection when one is missing.
+It satisfies :class:`agentcast._transport.Transport` and raises
+``trio_websocket.ConnectionClosed`` like every transport (the embedding path and the clients
+stay on trio-websocket).
 """
 
 from __future__ import annotations
 
-import logging
+import collections
 import os
+import socket
 from typing import Final, final
 
 import trio
-from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
-from wsproto.connection import ConnectionState
+from trio_websocket import CloseReason, ConnectionClosed
 
-from .._transport import Transport
 from .._wsframe import data_frame
+from ._inbound import InboundGuard
+from ._keepalive import Keepalive, Watch
+from ._wsstate import Closed, ServerProtocol, accept_response
 
-__all__ = ["PRIVATE_ATTRIBUTES", "WriteThrough"]
+__all__ = ["READ_CHUNK", "ServerWebSocket", "take_over"]
 
-log = logging.getLogger("agentcast.server")
+#: Bytes asked of the socket per read (trio-websocket's default too).
+READ_CHUNK: Final = 4096
 
-#: What the write-through path reads from a ``trio_websocket.WebSocketConnection`` (0.12.x):
-#: the close reason (set once closed), the send lock every writer takes, the wsproto state, the
-#: stream it writes to, and the abort it runs when that stream breaks.
-PRIVATE_ATTRIBUTES: Final = (
-    "_close_reason", "_stream_lock", "_wsproto", "_stream", "_abort_web_socket",
-)
+
+def take_over(stream: trio.abc.Stream) -> trio.SocketStream:
+    """A stream of our own over ``stream``'s socket, leaving ``stream`` holding nothing.
+
+    trio's ``serve_listeners`` closes the stream it handed a handler when the handler returns;
+    a WebSocket outlives its handler task, so it moves the descriptor to a socket object of its
+    own (closing the listener's stream then closes nothing).
+
+    Raises:
+        TypeError: ``stream`` is not a plain TCP stream (the server listens on TCP only).
+    """
+    if not isinstance(stream, trio.SocketStream):
+        raise TypeError(
+            f"the server's WebSocket needs a trio.SocketStream, got {type(stream).__name__}"
+        )
+    old = stream.socket
+    family, kind, proto = old.family, old.type, old.proto
+    return trio.SocketStream(trio.socket.from_stdlib_socket(
+        socket.socket(family, kind, proto, fileno=old.detach())
+    ))
+
+
+def _reason(closed: Closed) -> CloseReason:
+    return CloseReason(closed.code, closed.reason)
 
 
 @final
-class WriteThrough:
-    """A ``trio_websocket.WebSocketConnection`` with write-through ``send_message``.
+class ServerWebSocket:
+    """One accepted client WebSocket of the standalone server (see the module)."""
 
-    Satisfies :class:`~agentcast._transport.Transport` (``send_message``, ``get_message``,
-    ``aclose(code, reason)``, ``subprotocol``), so adapters that wrap a transport wrap this.
-    """
+    __slots__ = (
+        "_backlog", "_flushing", "_guard", "_inbox", "_protocol", "_sock", "_unread",
+        "_write_timeout", "subprotocol", "waited_writes", "watch", "written_through",
+    )
 
-    __slots__ = ("_lock", "_socket", "_wsproto", "partial_writes", "written_through", "ws")
-
-    def __init__(self, ws: WebSocketConnection, socket: trio.socket.SocketType) -> None:
-        #: The wrapped connection; keepalive pings and closes use it directly.
-        self.ws = ws
-        #: Messages written in the step that asked (for tests and diagnostics).
+    def __init__(
+        self, stream: trio.SocketStream, guard: InboundGuard, *, subprotocol: str | None,
+        max_message_bytes: int, write_timeout: float, unread: bytes = b"",
+    ) -> None:
+        #: The negotiated subprotocol (decides batching and translation).
+        self.subprotocol = subprotocol
+        #: The keepalive's entry (set by ``Keepalive.watch``), dropped when the socket closes.
+        self.watch: Watch | None = None
+        #: Data messages written in the step that asked (for tests and diagnostics).
         self.written_through = 0
-        #: Messages the socket took only part of at once, finished under the send lock.
-        self.partial_writes = 0
-        self._socket = socket
-        self._lock: trio.StrictFIFOLock = ws._stream_lock
-        self._wsproto = ws._wsproto
+        #: Frames that waited for the socket to drain.
+        self.waited_writes = 0
+        self._sock = stream.socket
+        self._guard = guard
+        self._protocol = ServerProtocol(max_message_bytes)
+        self._write_timeout = write_timeout
+        #: Client bytes read with the request head, handled before the socket is read.
+        self._unread = unread
+        #: Messages of the last read not yet taken (None: none, the usual case).
+        self._inbox: collections.deque[str | bytes] | None = None
+        #: Bytes accepted for sending that the socket has not taken yet, in order.
+        self._backlog: bytearray | None = None
+        #: Set when the task writing the backlog stops (None: nobody is writing it).
+        self._flushing: trio.Event | None = None
 
     @classmethod
-    def wrap(cls, ws: WebSocketConnection, stream: trio.abc.Stream) -> Transport:
-        """``ws`` with write-through sends over ``stream``'s socket, or ``ws`` itself when
-        ``stream`` is not a plain TCP stream (TLS) or trio-websocket lacks an attribute."""
-        if not isinstance(stream, trio.SocketStream):
-            return ws
-        missing = [name for name in PRIVATE_ATTRIBUTES if not hasattr(ws, name)]
-        if missing:
-            log.warning(
-                "trio-websocket lacks %s: sending without write-through (install the version "
-                "pyproject pins)", ", ".join(missing),
-            )
-            return ws
-        return cls(ws, stream.socket)
+    async def accept(
+        cls, stream: trio.SocketStream, guard: InboundGuard, key: str, *,
+        subprotocol: str | None, max_message_bytes: int, write_timeout: float,
+        unread: bytes = b"",
+    ) -> ServerWebSocket:
+        """Answer the handshake with ``101`` and return the open connection; the caller
+        bounds the time (a cut answer leaves the socket to the caller to close).
+
+        Raises:
+            ConnectionClosed: the client left during the handshake.
+        """
+        ws = cls(
+            stream, guard, subprotocol=subprotocol, max_message_bytes=max_message_bytes,
+            write_timeout=write_timeout, unread=unread,
+        )
+        if not ws._write(accept_response(key, subprotocol)):
+            await ws._drain()
+        return ws
 
     @property
-    def subprotocol(self) -> str | None:
-        """The negotiated subprotocol (decides batching)."""
-        return self.ws.subprotocol
+    def guard(self) -> InboundGuard:
+        """The frame guard every read goes through (its ``on_violation`` closes the
+        connection)."""
+        return self._guard
+
+    @property
+    def closed(self) -> bool:
+        """True once the socket is closed."""
+        return self._sock.fileno() < 0
+
+    def statistics(self) -> tuple[int, int]:
+        """(messages written through, frames that waited for the socket), for diagnostics."""
+        return self.written_through, self.waited_writes
+
+    # ---- reading ----------------------------------------------------------------------------
 
     async def get_message(self) -> str | bytes:
-        """The next message; raises ``ConnectionClosed`` once closed."""
-        return await self.ws.get_message()
+        """The next message; answers pings and the close handshake on the way.
 
-    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
-        """trio-websocket's close handshake (it closes the stream even if cancelled)."""
-        await self.ws.aclose(code, reason)
+        Raises:
+            ConnectionClosed: the connection is closed or closing (with the close code).
+        """
+        protocol = self._protocol
+        while True:
+            inbox = self._inbox
+            if inbox:
+                return inbox.popleft()
+            if protocol.closed is not None:
+                raise ConnectionClosed(_reason(protocol.closed))
+            if self._unread:
+                data, self._unread = self._unread, b""
+            else:
+                try:
+                    data = await self._guard.receive_some(READ_CHUNK)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+            if not data:
+                self._lost()
+                continue
+            received = protocol.receive(data)
+            if received.pongs and self.watch is not None:
+                for payload in received.pongs:
+                    self.watch.pong(payload)
+            if received.messages:
+                if inbox is None:
+                    inbox = self._inbox = collections.deque()
+                inbox.extend(received.messages)
+            if received.reply:
+                await self._reply(received.reply)
+            if received.closed is not None:
+                self._close_socket()
+
+    async def _reply(self, data: bytes) -> None:
+        """Write a pong or close frame, waiting at most ``write_timeout`` behind a full socket
+        (then the connection is dropped: part of a frame may have gone)."""
+        if self._write(data):
+            return
+        with trio.move_on_after(self._write_timeout):
+            await self._drain()
+            return
+        self._lost()
+
+    # ---- sending ----------------------------------------------------------------------------
 
     async def send_message(self, message: str | bytes) -> None:
         """Send one message, in this step when the socket can take it (see the module).
@@ -106,42 +203,132 @@ class WriteThrough:
         Raises:
             ConnectionClosed: the connection is closed or closing, or the peer is gone.
         """
-        ws = self.ws
-        reason: CloseReason | None = ws._close_reason
-        if reason is not None:
-            raise ConnectionClosed(reason)
-        fd = self._socket.fileno()
-        if self._lock.locked() or self._wsproto.state is not ConnectionState.OPEN or fd < 0:
-            await ws.send_message(message)
+        closed = self._protocol.closed
+        if closed is not None:
+            raise ConnectionClosed(_reason(closed))
+        if self._write(data_frame(message)):
+            self.written_through += 1
             return
-        data = data_frame(message)
+        self.waited_writes += 1
+        await self._drain()
+
+    def send_ping(self, payload: bytes) -> bool:
+        """Write a ping frame now (for the keepalive); True if it waits for a flush nobody
+        runs. Raises ConnectionClosed once closing."""
+        frame = self._protocol.ping(payload)
+        if frame is None:
+            raise ConnectionClosed(_reason(self._protocol.closed or Closed(1000)))
+        return not self._write(frame) and self._flushing is None
+
+    async def flush(self) -> None:
+        """Wait until everything accepted for sending has been written."""
+        await self._drain()
+
+    def _write(self, data: bytes) -> bool:
+        """Write ``data`` now unless bytes wait before it; True if the socket took it all.
+
+        Otherwise what is left waits in the backlog, in order, and the caller must
+        :meth:`_drain` (or know that a task is draining it).
+
+        Raises:
+            ConnectionClosed: the socket is closed or broken (it is closed then).
+        """
+        backlog = self._backlog
+        if backlog:
+            backlog += data
+            return False
         try:
-            sent = os.write(fd, data)
+            sent = os.write(self._sock.fileno(), data)
         except BlockingIOError:
             sent = 0
         except OSError:
-            # Reset or broken: nothing was written, so the library's own send meets the same
-            # error and closes the connection its way (ConnectionClosed, 1006).
-            sent = 0
+            # Reset, broken, or closed (fileno -1): never written to a reused descriptor.
+            raise ConnectionClosed(_reason(self._lost())) from None
         if sent == len(data):
-            self.written_through += 1
-            return
-        if sent == 0:
-            await ws.send_message(message)
-            return
-        self.partial_writes += 1
-        await self._send_rest(memoryview(data)[sent:])
+            return True
+        self._backlog = bytearray(memoryview(data)[sent:])
+        return False
 
-    async def _send_rest(self, rest: memoryview) -> None:
-        """Finish a frame the socket took part of, under the send lock, as trio-websocket
-        sends (and aborts on a broken stream)."""
-        ws = self.ws
-        async with self._lock:
+    async def _drain(self) -> None:
+        """Wait until the backlog is written: one task writes it as the socket drains, the
+        others wait for it (a cancelled writer leaves the rest to the next).
+
+        Raises:
+            ConnectionClosed: the socket closed before everything was written.
+        """
+        while self._backlog:
+            flushing = self._flushing
+            if flushing is not None:
+                await flushing.wait()
+                continue
+            self._flushing = done = trio.Event()
             try:
-                await ws._stream.send_all(rest)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                await ws._abort_web_socket()
-                raise ConnectionClosed(
-                    ws._close_reason or CloseReason(1006, "connection lost")
-                ) from None
+                await self._write_backlog()
+            finally:
+                self._flushing = None
+                done.set()
+        if self.closed:
+            raise ConnectionClosed(_reason(self._lost()))
 
+    async def _write_backlog(self) -> None:
+        sock = self._sock
+        while self._backlog:
+            try:
+                await trio.lowlevel.wait_writable(sock)
+            except trio.ClosedResourceError:
+                return  # closed meanwhile: _drain raises
+            backlog = self._backlog
+            if backlog is None:
+                return
+            try:
+                sent = os.write(sock.fileno(), backlog)
+            except BlockingIOError:
+                continue
+            except OSError:
+                raise ConnectionClosed(_reason(self._lost())) from None
+            del backlog[:sent]
+
+    # ---- closing ----------------------------------------------------------------------------
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
+        """The close handshake: send the close frame, read until the client's reply or the
+        caller's deadline, close the socket. Entered cancelled (an abort after a cut write) it
+        writes nothing; the socket is closed however it ends."""
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            frame = self._protocol.close(code, reason)
+            if frame:
+                if not self._write(frame):
+                    await self._drain()
+                await self._wait_close_reply()
+        except ConnectionClosed:
+            pass  # the peer went away first: nothing to wait for
+        finally:
+            self._close_socket()
+
+    async def _wait_close_reply(self) -> None:
+        """Read until the client's close frame or the end of its stream (messages and pings
+        that come first are dropped)."""
+        while True:
+            try:
+                data = await self._guard.receive_some(READ_CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data or self._protocol.receive(data).closed is not None:
+                return
+
+    def _lost(self) -> Closed:
+        """The connection ended without a (complete) close handshake: close the socket."""
+        closed = self._protocol.lost()
+        self._close_socket()
+        return closed
+
+    def _close_socket(self) -> None:
+        """Close the socket (idempotent): waiting readers and writers wake with an error, the
+        backlog is dropped, the keepalive forgets the connection."""
+        self._protocol.lost()
+        self._backlog = None
+        watch, self.watch = self.watch, None
+        if watch is not None:
+            Keepalive.unwatch(watch)
+        self._sock.close()
