@@ -437,7 +437,7 @@ class Server:
         try:
             # The frames that follow go through a guard (limits below messages); any the
             # client sent with its head are scanned too and handled first.
-            guard, early = InboundGuard.under(own, head.raw, core)
+            guard, early = InboundGuard.create(head.raw, core)
             key = head.header("sec-websocket-key") or ""  # decide_upgrade checked there is one
             # The slot is held across these awaits: bound them, and give it back on any
             # failure (a handshake that dies half-way).
@@ -463,7 +463,7 @@ class Server:
         finally:
             slot.release()
             if opened is None:
-                own.socket.close()
+                own.close()
         return opened
 
     async def _recheck_revocation(self, connection: Connection, claims: Claims) -> None:

@@ -11,7 +11,7 @@ lock and its retained h11 handshake, and every send three scheduler steps. A
   go to the pure ``_wsstate.ServerProtocol`` (wsproto), which says what to deliver, what to
   answer (pongs, the close reply, 1002/1007/1009) and when it is over;
 * **sending** is write-through: a frame (the pure ``agentcast._wsframe`` encoder) is
-  ``os.write``-n to the non-blocking socket in the step that asked, with no yield. Only a
+  written to the non-blocking socket in the step that asked, with no yield. Only a
   socket that would block makes the caller wait: the rest goes into a backlog that one task
   at a time writes as the socket drains, and every frame after it queues behind it, so frames
   never interleave. The connection's write watchdog (``Connection.check_write``) bounds that
@@ -32,30 +32,29 @@ stay on trio-websocket).
 from __future__ import annotations
 
 import collections
-import os
 import socket
-from typing import Final, final
+from typing import final
 
 import trio
 from trio_websocket import CloseReason, ConnectionClosed
 
 from .._wsframe import data_frame
-from ._inbound import InboundGuard
+from ._inbound import READ_CHUNK, InboundGuard
 from ._keepalive import Keepalive, Watch
 from ._wsstate import Closed, ServerProtocol, accept_response
 
-__all__ = ["READ_CHUNK", "ServerWebSocket", "take_over"]
-
-#: Bytes asked of the socket per read (trio-websocket's default too).
-READ_CHUNK: Final = 4096
+__all__ = ["ServerWebSocket", "take_over"]
 
 
-def take_over(stream: trio.abc.Stream) -> trio.SocketStream:
-    """A stream of our own over ``stream``'s socket, leaving ``stream`` holding nothing.
+def take_over(stream: trio.abc.Stream) -> socket.socket:
+    """``stream``'s socket as a plain non-blocking socket of our own, leaving ``stream`` holding
+    nothing.
 
     trio's ``serve_listeners`` closes the stream it handed a handler when the handler returns;
     a WebSocket outlives its handler task, so it moves the descriptor to a socket object of its
-    own (closing the listener's stream then closes nothing).
+    own (closing the listener's stream then closes nothing). A stdlib socket, not a trio
+    ``SocketStream``: the WebSocket reads, writes and waits on it itself, so an idle connection
+    holds neither the stream's objects nor their suspended frames (~1.5 KB).
 
     Raises:
         TypeError: ``stream`` is not a plain TCP stream (the server listens on TCP only).
@@ -65,10 +64,9 @@ def take_over(stream: trio.abc.Stream) -> trio.SocketStream:
             f"the server's WebSocket needs a trio.SocketStream, got {type(stream).__name__}"
         )
     old = stream.socket
-    family, kind, proto = old.family, old.type, old.proto
-    return trio.SocketStream(trio.socket.from_stdlib_socket(
-        socket.socket(family, kind, proto, fileno=old.detach())
-    ))
+    own = socket.socket(old.family, old.type, old.proto, fileno=old.detach())
+    own.setblocking(False)
+    return own
 
 
 def _reason(closed: Closed) -> CloseReason:
@@ -85,7 +83,7 @@ class ServerWebSocket:
     )
 
     def __init__(
-        self, stream: trio.SocketStream, guard: InboundGuard, *, subprotocol: str | None,
+        self, sock: socket.socket, guard: InboundGuard, *, subprotocol: str | None,
         max_message_bytes: int, write_timeout: float, unread: bytes = b"",
     ) -> None:
         #: The negotiated subprotocol (decides batching and translation).
@@ -96,7 +94,8 @@ class ServerWebSocket:
         self.written_through = 0
         #: Frames that waited for the socket to drain.
         self.waited_writes = 0
-        self._sock = stream.socket
+        #: The client's non-blocking socket (see :func:`take_over`).
+        self._sock = sock
         self._guard = guard
         self._protocol = ServerProtocol(max_message_bytes)
         self._write_timeout = write_timeout
@@ -111,7 +110,7 @@ class ServerWebSocket:
 
     @classmethod
     async def accept(
-        cls, stream: trio.SocketStream, guard: InboundGuard, key: str, *,
+        cls, sock: socket.socket, guard: InboundGuard, key: str, *,
         subprotocol: str | None, max_message_bytes: int, write_timeout: float,
         unread: bytes = b"",
     ) -> ServerWebSocket:
@@ -122,7 +121,7 @@ class ServerWebSocket:
             ConnectionClosed: the client left during the handshake.
         """
         ws = cls(
-            stream, guard, subprotocol=subprotocol, max_message_bytes=max_message_bytes,
+            sock, guard, subprotocol=subprotocol, max_message_bytes=max_message_bytes,
             write_timeout=write_timeout, unread=unread,
         )
         if not ws._write(accept_response(key, subprotocol)):
@@ -156,16 +155,16 @@ class ServerWebSocket:
         while True:
             inbox = self._inbox
             if inbox:
-                return inbox.popleft()
+                message = inbox.popleft()
+                if not inbox:
+                    self._inbox = None  # an empty deque still holds a 64-slot block
+                return message
             if protocol.closed is not None:
                 raise ConnectionClosed(_reason(protocol.closed))
             if self._unread:
                 data, self._unread = self._unread, b""
             else:
-                try:
-                    data = await self._guard.receive_some(READ_CHUNK)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    data = b""
+                data = await self._read()
             if not data:
                 self._lost()
                 continue
@@ -238,7 +237,7 @@ class ServerWebSocket:
             backlog += data
             return False
         try:
-            sent = os.write(self._sock.fileno(), data)
+            sent = self._sock.send(data)
         except BlockingIOError:
             sent = 0
         except OSError:
@@ -281,7 +280,7 @@ class ServerWebSocket:
             if backlog is None:
                 return
             try:
-                sent = os.write(sock.fileno(), backlog)
+                sent = sock.send(backlog)
             except BlockingIOError:
                 continue
             except OSError:
@@ -310,12 +309,40 @@ class ServerWebSocket:
         """Read until the client's close frame or the end of its stream (messages and pings
         that come first are dropped)."""
         while True:
-            try:
-                data = await self._guard.receive_some(READ_CHUNK)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
+            data = await self._read()
             if not data or self._protocol.receive(data).closed is not None:
                 return
+
+    async def _read(self) -> bytes:
+        """The next client bytes the guard passes on; b"" once the stream ended or broke.
+
+        One read per call, after the guard's wait (rates; for ever after a broken rule). A
+        read that found data without waiting yields once, so a flooding client cannot keep
+        its reader from letting others run.
+        """
+        guard, sock = self._guard, self._sock
+        waited = False
+        while True:
+            size = await guard.wait_to_read(READ_CHUNK)
+            try:
+                data = sock.recv(size)
+            except BlockingIOError:
+                try:
+                    await trio.lowlevel.wait_readable(sock)
+                except trio.ClosedResourceError:
+                    return b""
+                waited = True
+                continue
+            except OSError:
+                return b""  # reset, or closed
+            if not data:
+                return b""
+            passed = guard.scan(data)
+            if not passed:
+                continue  # part of a frame header, or a broken rule: the wait above decides
+            if not waited:
+                await trio.lowlevel.checkpoint()
+            return passed
 
     def _lost(self) -> Closed:
         """The connection ended without a (complete) close handshake: close the socket."""
@@ -331,4 +358,7 @@ class ServerWebSocket:
         watch, self.watch = self.watch, None
         if watch is not None:
             Keepalive.unwatch(watch)
-        self._sock.close()
+        sock = self._sock
+        if sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(sock)  # a task waiting on it wakes with an error
+            sock.close()
