@@ -26,6 +26,7 @@ from websockets.trio.client import connect
 import agentcast
 import agentcast.asgi
 from agentcast import AgentEvent, EventType, UserContext
+from agentcast.protocols import AGUI_SUBPROTOCOL, VERCEL_SUBPROTOCOL
 
 from .rawws import TEXT, RawClient
 
@@ -77,13 +78,28 @@ class App:
             )
 
 
+#: What the fixture's agent answers every user message with, in two deltas.
+REPLY = ("Hi ", "there")
+
+
+async def reply(session: agentcast.UserSession, connection: Any, frame: dict[str, Any]) -> None:
+    """Answer a ``user_message`` with a run of :data:`REPLY` on its thread."""
+    async def agent(run: Any, text: str) -> dict[str, str]:
+        for delta in REPLY:
+            await run.text(delta)
+        return {"answer": "".join(REPLY)}
+
+    await trio.lowlevel.checkpoint()
+    session.start_run(frame["thread_id"], agent, frame["text"], agent_name="bot")
+
+
 @pytest.fixture
 async def app() -> AsyncIterator[App]:
     baseline = open_fds()
     config = agentcast.Config(
         write_timeout=WRITE_TIMEOUT, session_linger=0, max_connections_per_user=MAX_PER_USER
     )
-    lifespan = agentcast.asgi.lifespan(config)
+    lifespan = agentcast.asgi.lifespan(config, message_handler=reply)
     starlette = Starlette(
         routes=[WebSocketRoute("/ws", agentcast.asgi.endpoint(authenticate=authenticate))],
         lifespan=lifespan,
@@ -198,3 +214,54 @@ async def test_a_client_that_stops_reading_is_cut_by_the_write_deadline(app: App
                 assert isinstance(message, str)
                 seqs += [json.loads(line)["seq"] for line in message.split("\n")]
         assert seqs == list(range(1, 101))
+
+
+async def run_on(app: App, user: str, thread: str, deltas: list[str]) -> None:
+    """One run of ``deltas`` on (user, thread), ended by its return value."""
+    async with app.session(user).run(thread, agent_name="bot") as run:
+        for delta in deltas:
+            await run.text(delta)
+        run.result = {"answer": "".join(deltas)}
+
+
+async def test_an_agui_client_gets_translated_events_as_from_the_standalone_server(
+    app: App,
+) -> None:
+    """The ASGI endpoint selects ``agentcast.agui`` and translates at the edge, by the same
+    rule as ``agentcast serve`` (the subprotocol it offered no longer falls through to a
+    native stream the AG-UI client cannot read)."""
+    url = f"ws://127.0.0.1:{app.port}/ws?user=ann&token=ok"
+    events: list[dict[str, Any]] = []
+    with trio.fail_after(15):
+        async with connect(url, subprotocols=[AGUI_SUBPROTOCOL]) as ws:  # type: ignore[list-item]
+            assert ws.subprotocol == AGUI_SUBPROTOCOL
+            await ws.send(json.dumps({"type": "subscribe", "thread_id": "t-a"}))
+            # The subscription's ack, as AG-UI's CUSTOM event, before the run starts.
+            ack = json.loads(str(await ws.recv()).split("\n")[0])
+            assert (ack["type"], ack["name"]) == ("CUSTOM", "agentcast.subscribed")
+            await run_on(app, "ann", "t-a", ["Hel", "lo"])
+            while not any(e["type"] == "RUN_FINISHED" for e in events):
+                events.extend(json.loads(line) for line in str(await ws.recv()).split("\n"))
+    types = [e["type"] for e in events]
+    assert types[0] == "RUN_STARTED"
+    assert "".join(e["delta"] for e in events if e["type"] == "TEXT_MESSAGE_CONTENT") == "Hello"
+    assert events[-1]["result"] == {"answer": "Hello"}
+
+
+async def test_a_vercel_client_gets_ui_message_chunks(app: App) -> None:
+    url = f"ws://127.0.0.1:{app.port}/ws?user=vic&token=ok"
+    frames: list[dict[str, Any]] = []
+    with trio.fail_after(15):
+        async with connect(url, subprotocols=[VERCEL_SUBPROTOCOL]) as ws:  # type: ignore[list-item]
+            assert ws.subprotocol == VERCEL_SUBPROTOCOL
+            await ws.send(json.dumps({
+                "type": "send", "requestId": "q1", "id": "chat-1",
+                "messages": [{"id": "m1", "role": "user", "parts": [
+                    {"type": "text", "text": "hi"}]}],
+            }))
+            while not any(f["type"] == "end" for f in frames):
+                frames.append(json.loads(str(await ws.recv())))
+    chunks = [f["chunk"] for f in frames if f["type"] == "chunk"]
+    assert chunks[0]["type"] == "start"
+    assert "".join(c["delta"] for c in chunks if c["type"] == "text-delta") == "".join(REPLY)
+    assert chunks[-1]["type"] == "finish"

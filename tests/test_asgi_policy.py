@@ -28,6 +28,10 @@ from agentcast.asgi._policy import (
         (["agentcast.v1"], "agentcast.v1"),
         (["agentcast.v1", "agentcast.ndjson"], "agentcast.ndjson"),
         ([" agentcast.v1 ", "bearer.abc"], "agentcast.v1"),
+        (["agentcast.agui"], "agentcast.agui"),
+        (["agentcast.vercel-ai", "bearer.abc"], "agentcast.vercel-ai"),
+        (["agentcast.vercel-ai", "agentcast.agui"], "agentcast.agui"),
+        (["agentcast.agui", "agentcast.v1"], "agentcast.v1"),
         (["bearer.secret-token"], None),  # never echo the token
         ([], None),
     ],

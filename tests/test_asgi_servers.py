@@ -317,3 +317,22 @@ async def test_two_uvicorn_workers_share_events_through_redis(redis_server: Redi
                         f["type"] == "agent_completed" for f in s) >= runs))
                     assert [e["seq"] for e in seen] == list(range(1, 4 * runs + 1))
     assert len(pids) == 2
+
+
+@pytest.mark.parametrize("server", ["hypercorn", "uvicorn"])
+async def test_an_agui_client_is_translated_under_both_servers(server: str) -> None:
+    """``agentcast.agui`` is selected and translated under the trio endpoint (hypercorn) and
+    the threaded bridge (uvicorn) alike, as by ``agentcast serve``."""
+    async with running(server, "fastapi_app") as srv:
+        with trio.fail_after(STEP):
+            async with connect(srv.url("/ws/"), subprotocols=["agentcast.agui"]) as ws:
+                assert ws.subprotocol == "agentcast.agui"
+                await ws.send(json.dumps({"type": "subscribe", "thread_id": "t1"}))
+                events = [json.loads(line) for line in str(await ws.recv()).split("\n")]
+                assert (events[0]["type"], events[0]["name"]) == ("CUSTOM", "agentcast.subscribed")
+                await post_run(srv.port, {"thread_id": "t1", "steps": 3, "delay": 0})
+                while not any(e["type"] == "RUN_FINISHED" for e in events):
+                    events += [json.loads(line) for line in str(await ws.recv()).split("\n")]
+        types = [e["type"] for e in events]
+        assert "RUN_STARTED" in types
+        assert types.index("RUN_STARTED") < types.index("RUN_FINISHED")

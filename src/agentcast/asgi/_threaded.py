@@ -34,6 +34,7 @@ from .._credentials import Credentials
 from .._errors import ManagerNotRunning, SessionClosed, TooManyConnections
 from .._manager import ConnectionManager, open_manager
 from .._session import MessageHandler
+from ..protocols import batch_for, wrap_transport
 from ._endpoint import (
     AsyncioNotSupported,
     Authenticate,
@@ -446,9 +447,12 @@ class ThreadedManager:
             return
         try:
             link.admit(None)
+            # agentcast.agui / agentcast.vercel-ai: translated at the edge, as standalone.
+            subprotocol = link.transport.subprotocol
             connection = await session.add_connection(
-                link.transport, threads=threads, allowed_threads=allowed_threads, slot=slot,
-                credentials=credentials,
+                wrap_transport(link.transport, subprotocol), threads=threads,
+                allowed_threads=allowed_threads, slot=slot, credentials=credentials,
+                batch=batch_for(subprotocol),
             )
             await session.hold_connection(connection)
         finally:
