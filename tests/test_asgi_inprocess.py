@@ -22,6 +22,7 @@ from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from websockets.exceptions import InvalidStatus
 from websockets.trio.client import connect
+from websockets.typing import Subprotocol
 
 import agentcast
 import agentcast.asgi
@@ -48,10 +49,12 @@ def tasks_named(prefix: str) -> list[trio.lowlevel.Task]:
             for child in nursery.child_tasks:
                 yield from walk(child)
 
-    return [t for t in walk(trio.lowlevel.current_root_task()) if t.name.startswith(prefix)]
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    return [t for t in walk(root) if t.name.startswith(prefix)]
 
 
-def authenticate(scope: dict[str, Any]) -> UserContext:
+def authenticate(scope: agentcast.asgi.Scope) -> UserContext:
     query = dict(part.split("=", 1) for part in scope["query_string"].decode().split("&"))
     if query.get("token") != "ok":
         raise agentcast.asgi.Refuse(401, "bad token")
@@ -111,7 +114,10 @@ async def app() -> AsyncIterator[App]:
     stop = trio.Event()
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(partial(serve, starlette, hypercorn,
+            # hypercorn's ASGI type and Starlette's differ in name only (typeshed-style dicts
+            # against MutableMapping); the app is a plain ASGI 3 callable.
+            app: Any = starlette
+            binds = await nursery.start(partial(serve, app, hypercorn,
                                                 shutdown_trigger=stop.wait))
             fixture = App(int(binds[0].rsplit(":", 1)[1]), lifespan)
             baseline_tasks = fixture.manager.get_stats().live_tasks
@@ -173,7 +179,7 @@ async def test_past_the_connection_limit_a_handshake_gets_429_and_the_others_go_
 
 async def test_a_client_that_stops_reading_is_cut_by_the_write_deadline(app: App) -> None:
     async with connect(f"ws://127.0.0.1:{app.port}/ws?user=bob&token=ok",
-                       subprotocols=["agentcast.ndjson"]) as bob:
+                       subprotocols=[Subprotocol("agentcast.ndjson")]) as bob:
         await bob.send(json.dumps({"type": "subscribe", "thread_id": "t1"}))
         assert json.loads(await bob.recv())["type"] == "subscribed"
 
@@ -233,7 +239,7 @@ async def test_an_agui_client_gets_translated_events_as_from_the_standalone_serv
     url = f"ws://127.0.0.1:{app.port}/ws?user=ann&token=ok"
     events: list[dict[str, Any]] = []
     with trio.fail_after(15):
-        async with connect(url, subprotocols=[AGUI_SUBPROTOCOL]) as ws:  # type: ignore[list-item]
+        async with connect(url, subprotocols=[Subprotocol(AGUI_SUBPROTOCOL)]) as ws:
             assert ws.subprotocol == AGUI_SUBPROTOCOL
             await ws.send(json.dumps({"type": "subscribe", "thread_id": "t-a"}))
             # The subscription's ack, as AG-UI's CUSTOM event, before the run starts.
@@ -252,7 +258,7 @@ async def test_a_vercel_client_gets_ui_message_chunks(app: App) -> None:
     url = f"ws://127.0.0.1:{app.port}/ws?user=vic&token=ok"
     frames: list[dict[str, Any]] = []
     with trio.fail_after(15):
-        async with connect(url, subprotocols=[VERCEL_SUBPROTOCOL]) as ws:  # type: ignore[list-item]
+        async with connect(url, subprotocols=[Subprotocol(VERCEL_SUBPROTOCOL)]) as ws:
             assert ws.subprotocol == VERCEL_SUBPROTOCOL
             await ws.send(json.dumps({
                 "type": "send", "requestId": "q1", "id": "chat-1",

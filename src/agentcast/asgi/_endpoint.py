@@ -51,6 +51,7 @@ __all__ = [
 
 log = logging.getLogger("agentcast.asgi")
 
+#: An ASGI connection scope, as every ASGI server passes it (annotate `authenticate` with it).
 Scope = MutableMapping[str, Any]
 #: ``authenticate(scope) -> UserContext``, sync or async; raise :class:`Refuse` to refuse.
 Authenticate = Callable[[Scope], UserContext | Awaitable[UserContext]]

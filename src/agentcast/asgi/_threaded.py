@@ -20,7 +20,7 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from types import TracebackType
-from typing import Any, Final, TypeVar, final
+from typing import Any, Final, TypeVar, final, overload
 
 import attrs
 import sniffio
@@ -295,7 +295,13 @@ class ThreadedManager:
             raise ManagerNotRunning("the agentcast thread is not running; use it as lifespan=")
         return self._loop, self._token, self._nursery
 
-    async def call(self, fn: Callable[..., T | Awaitable[T]], *args: Any) -> T:
+    @overload
+    async def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T: ...
+
+    @overload
+    async def call(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(manager, *args)`` (sync or async) in the trio thread; return its result.
 
         This is how asyncio code reaches the manager: e.g. ``await bridge.call(start, ctx)``
@@ -303,7 +309,7 @@ class ThreadedManager:
         Cancelling the caller does not cancel ``fn``.
         """
         loop, token, nursery = self._running()
-        future: asyncio.Future[T] = loop.create_future()
+        future: asyncio.Future[Any] = loop.create_future()
 
         def settle(ok: bool, value: Any) -> None:
             if not future.done():
