@@ -30,7 +30,6 @@ from wsproto.events import (
     AcceptConnection,
     BytesMessage,
     CloseConnection,
-    Message,
     Ping,
     Pong,
     Request,
@@ -64,12 +63,13 @@ KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 @pytest.mark.parametrize("kind", ["text", "bytes"])
 def test_data_frame_is_what_wsproto_sends_for_a_server(length: int, kind: str) -> None:
     server = WsprotoConnection(ConnectionType.SERVER)
+    message: str | bytes
     if kind == "text":
-        message: str | bytes = "é" * (length // 2) + "x" * (length % 2)
-        expected = server.send(TextMessage(data=message))
+        message = text = "é" * (length // 2) + "x" * (length % 2)
+        expected = server.send(TextMessage(data=text))
     else:
-        message = bytes(range(256)) * (length // 256) + b"y" * (length % 256)
-        expected = server.send(BytesMessage(data=message))
+        message = data = bytes(range(256)) * (length // 256) + b"y" * (length % 256)
+        expected = server.send(BytesMessage(data=data))
     assert data_frame(message) == expected
 
 
@@ -111,7 +111,7 @@ def test_the_101_is_what_wsprotos_handshake_answers(subprotocol: str | None) -> 
 # ---- the frame state (pure) -----------------------------------------------------------------
 
 
-def client_frames(*events: Message[str] | Message[bytes] | Ping | Pong | CloseConnection) -> bytes:
+def client_frames(*events: TextMessage | BytesMessage | Ping | Pong | CloseConnection) -> bytes:
     client = WsprotoConnection(ConnectionType.CLIENT)
     return b"".join(client.send(event) for event in events)
 
@@ -247,10 +247,11 @@ async def read_json(client: RawClient) -> dict[str, object]:
 
 
 async def read_events(client: RawClient, count: int) -> list[int]:
-    seqs = []
+    seqs: list[int] = []
     while len(seqs) < count:
         frame = await read_json(client)
         assert frame["type"] == "agent_text"
+        assert isinstance(frame["seq"], int)
         seqs.append(frame["seq"])
     return seqs
 
@@ -308,7 +309,7 @@ async def test_each_delivery_costs_the_writer_one_scheduler_step(fixture: Fixtur
         counter = StepCounter(f"{connection.connection_id}:writer")
         trio.lowlevel.add_instrument(counter)
         try:
-            seqs = []
+            seqs: list[int] = []
             for _ in range(count):  # one event at a time: nothing to batch
                 await fixture.publish("alice", 1)
                 seqs += await read_events(client, 1)
@@ -334,7 +335,9 @@ async def test_a_frame_the_socket_takes_in_part_is_finished_intact_with_a_ping_a
         assert transport.waited_writes >= 1
         # A ping now waits behind the frame being written (a flush is running: no task).
         assert transport.send_ping(b"\x00\x00\x00\x07") is False
-        seqs, texts, ping = [], [], None
+        seqs: list[int] = []
+        texts: list[str] = []
+        ping: tuple[int, bytes] | None = None
         while len(seqs) < count:
             first, second = await client._read_exactly(2)
             length = second & 0x7F
