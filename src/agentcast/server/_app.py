@@ -438,6 +438,7 @@ class Server:
             key = head.header("sec-websocket-key") or ""  # decide_upgrade checked there is one
             # The slot is held across these awaits: bound them, and give it back on any
             # failure (a handshake that dies half-way).
+            ws = None
             with trio.move_on_after(self.settings.handshake_timeout):
                 try:
                     ws = await ServerWebSocket.accept(
@@ -447,19 +448,23 @@ class Server:
                     )
                 except ConnectionClosed:
                     return None  # the client left before its 101
-                # A token naming threads subscribes to them and confines the client to them.
-                # agentcast.agui / agentcast.vercel-ai: translated at the edge (batched
-                # inside, the translator frames what the client receives).
-                connection = await slot.session.add_connection(
-                    wrap_transport(ws, subprotocol), threads=claims.threads,
-                    allowed_threads=claims.threads or None, slot=slot,
-                    credentials=self.tokens.grant(claims),
-                    batch=batch_for(subprotocol),
-                )
-                opened = ws, connection
+            if ws is None:
+                return None  # its 101 could not be written in time
+            # A token naming threads subscribes to them and confines the client to them.
+            # agentcast.agui / agentcast.vercel-ai: translated at the edge (batched
+            # inside, the translator frames what the client receives).
+            connection = await slot.session.add_connection(
+                wrap_transport(ws, subprotocol), threads=claims.threads,
+                allowed_threads=claims.threads or None, slot=slot,
+                credentials=self.tokens.grant(claims),
+                batch=batch_for(subprotocol),
+            )
+            opened = ws, connection
         finally:
             slot.release()
-            if opened is None:
+            if opened is None and own.fileno() >= 0:
+                # Nothing else holds the socket yet: close it (waking any waiter first).
+                trio.lowlevel.notify_closing(own)
                 own.close()
         return opened
 
