@@ -221,3 +221,24 @@ async def test_bursts_still_leave_in_batches(fixture: Fixture, bystander: Bystan
         await fixture.publish("alice", "t1", 1)
         assert transport.written_through - before == 1
         assert [seq for seq, _ in await read_texts(client, 1)] == [count + 1]
+
+
+async def test_a_part_written_frame_to_a_client_that_stopped_reading_is_cut_with_4008(
+    fixture: Fixture, bystander: Bystander
+) -> None:
+    with trio.fail_after(10):  # write_timeout is 2 s
+        client, connection, transport = await subscribed(fixture, "alice", receive_buffer=4096)
+        transport._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        # One event larger than both buffers, written through in the producer's step: the
+        # socket takes part of it, the writer waits to finish it, the client never reads.
+        await fixture.publish("alice", "t1", 1, size=300_000)
+        assert transport.partial_writes == 1
+        assert connection._write_started is not None
+        await connection.wait_closed()
+    assert connection.close_code == 4008
+    stats = fixture.manager.get_stats()
+    assert stats.slow_consumer_disconnects == 1
+    # Aborted, not closed politely over half a frame: the stream ends inside the event's frame,
+    # with no close frame after it.
+    with trio.fail_after(5), pytest.raises((EOFError, trio.BrokenResourceError)):
+        await client.read_frame()

@@ -14,12 +14,18 @@ import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from trio_websocket import WebSocketConnection
 
 from agentcast._connection import FINISH_SEND
 from agentcast._history import ThreadHistory
 from agentcast._subscriptions import Subscriptions
-from agentcast._transport import Written
+from agentcast._transport import Transport, WritesThrough, Written
 from agentcast._writethrough import BATCH_GAP, may_write_through
+from agentcast.asgi._threaded import _BridgeTransport
+from agentcast.asgi._transport import ASGITransport
+from agentcast.protocols._adapter import TranslatingTransport
+from agentcast.server._wsconn import WriteThrough
+from agentcast.testing import MemoryTransport
 
 from .test_subscriptions import T, check_client_view, frame
 
@@ -220,3 +226,27 @@ def test_the_model_writes_through_and_queues_both() -> None:
     assert shell.written_through == 1
     assert shell.wire == [frame(1), frame(2), frame(3)]
     assert list(shell.queue) == [frame(4)]
+
+
+# ---- who offers send_nowait: only a transport that writes to its socket itself --------------
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [MemoryTransport, ASGITransport, TranslatingTransport, _BridgeTransport, WebSocketConnection],
+)
+def test_adapters_and_other_transports_keep_the_queued_path(cls: type) -> None:
+    assert not hasattr(cls, "send_nowait")
+    assert not hasattr(cls, "finish_send")
+
+
+async def test_a_translator_around_a_write_through_transport_does_not_pretend() -> None:
+    server, client = MemoryTransport.pair()
+    translated = TranslatingTransport(server, "agentcast.agui", lambda m: [str(m)], lambda m: [m])
+    assert isinstance(server, Transport)
+    assert not isinstance(server, WritesThrough)
+    assert not isinstance(translated, WritesThrough)
+    assert hasattr(WriteThrough, "send_nowait")
+    assert hasattr(WriteThrough, "finish_send")
+    await server.aclose()
+    await client.aclose()
