@@ -90,6 +90,10 @@ class ConnectionOwner(Protocol):
     def counters(self) -> Counters: ...
 
     @property
+    def totals(self) -> Counters:
+        """The manager's running totals; every count goes to ``counters`` and here."""
+
+    @property
     def delivery_latency(self) -> DeliveryLatency:
         """The histogram the writer reports delivery latencies to."""
 
@@ -245,9 +249,12 @@ class Connection:
                 written = through.send_nowait(live)
                 if written is Written.ALL:
                     self._last_sent = now
-                    counters = self._owner.counters
+                    owner = self._owner
+                    counters, totals = owner.counters, owner.totals
                     counters.messages_sent += 1
                     counters.events_sent += 1
+                    totals.messages_sent += 1
+                    totals.events_sent += 1
                     self._owner.delivery_latency.observe_frame(live, 1)
                     return
                 if written is Written.PART:
@@ -263,17 +270,20 @@ class Connection:
         """Queue a frame (or an ack-and-replay group); a full channel closes with 4008."""
         if self._close_code is not None:
             self._owner.counters.events_dropped += 1
+            self._owner.totals.events_dropped += 1
             return
         self._writer_idle = False
         try:
             self._send.send_nowait(item)
         except trio.WouldBlock:
             self._owner.counters.events_dropped += 1
+            self._owner.totals.events_dropped += 1
             self._slow_consumer("send queue full")
 
     def _slow_consumer(self, why: str) -> None:
         if self._close_code is None:
             self._owner.counters.slow_consumer_disconnects += 1
+            self._owner.totals.slow_consumer_disconnects += 1
             log.info(
                 "closing slow consumer %s of user %r: %s",
                 self.connection_id, self._owner.user_id, why,
@@ -361,7 +371,7 @@ class Connection:
 
     async def _write_loop(self) -> None:
         """Send what the channel brings, batched, until it ends or the connection must stop."""
-        counters = self._owner.counters
+        counters, totals = self._owner.counters, self._owner.totals
         config = self._owner.config
         limit = config.batch_max_events
         latency = self._owner.delivery_latency
@@ -399,7 +409,9 @@ class Connection:
                     if not await self._write(message):
                         return
                     counters.messages_sent += 1
+                    totals.messages_sent += 1
                 counters.events_sent += events
+                totals.events_sent += events
                 if oldest_live is not None:
                     latency.observe_frame(oldest_live, live)
         finally:
@@ -438,9 +450,10 @@ class Connection:
             self._peer_gone(exc)
             return False
         self._write_started = self._part_written = None
-        counters = self._owner.counters
-        counters.messages_sent += 1
-        counters.events_sent += 1
+        owner = self._owner
+        for counters in (owner.counters, owner.totals):
+            counters.messages_sent += 1
+            counters.events_sent += 1
         self._owner.delivery_latency.observe_frame(frame, 1)
         return True
 
@@ -506,6 +519,7 @@ class Connection:
             if admission is not Admission.ACCEPT:
                 if admission is Admission.CLOSE:
                     self._owner.counters.rate_limit_disconnects += 1
+                    self._owner.totals.rate_limit_disconnects += 1
                     # Drain: the refusals already queued are sent, and a busy writer is not
                     # cut mid-write (which would turn 4029 into an abort, 1006).
                     self.close(CloseCode.RATE_LIMITED, "rate limit exceeded", drain=True)
@@ -523,6 +537,7 @@ class Connection:
 
     def _refuse(self, exc: ProtocolError) -> None:
         self._owner.counters.protocol_errors += 1
+        self._owner.totals.protocol_errors += 1
         if exc.close_code is not None:
             self.close(exc.close_code, exc.message)
         else:
