@@ -105,6 +105,11 @@ class Shell:
             return
         self.enqueue(live)
 
+    def forget(self) -> None:
+        """Unsubscribed: what was queued goes out, and the client forgets what it saw."""
+        self.run_writer(10_000)
+        self.wire.clear()
+
     def run_writer(self, items: int) -> None:
         """The writer takes up to ``items`` queued items, or parks on the empty queue."""
         for _ in range(items):
@@ -138,6 +143,19 @@ shell_steps = st.lists(
 )
 
 
+def asked(history: ThreadHistory, how: str) -> tuple[int | None, str | None]:
+    """(since_seq, epoch) of a subscribe: live only, from a recent seq, from 0, from a seq too
+    old for the window, or with a wrong epoch."""
+    latest = history.latest_seq
+    return {
+        "live": (None, None),
+        "recent": (max(0, latest - 2), history.epoch),
+        "zero": (0, history.epoch),
+        "old": (0 if latest <= 5 else latest - 7, history.epoch),
+        "wrong_epoch": (latest, "not-the-epoch"),
+    }[how]
+
+
 @given(shell_steps, st.booleans(), st.randoms(use_true_random=False))
 def test_write_through_keeps_every_ack_replay_and_seq_in_order(
     script: list[tuple[Any, ...]], batch: bool, rng: Any
@@ -157,9 +175,13 @@ def test_write_through_keeps_every_ack_replay_and_seq_in_order(
             if live is not None:
                 shell.offer(live)
 
+    def read(ticket: int) -> None:
+        since, epoch, answered = flight[ticket]
+        if answered is None:  # the broker's answer is read once, at some point in flight
+            flight[ticket][2] = history.recover(since, epoch, 0.0)
+
     def answer(ticket: int) -> None:
-        if flight[ticket][2] is None:
-            flight[ticket][2] = history.recover(*flight[ticket][:2], 0.0)
+        read(ticket)
         for group in subs.complete(T, ticket, flight.pop(ticket)[2]):
             shell.enqueue(group)
 
@@ -168,29 +190,18 @@ def test_write_through_keeps_every_ack_replay_and_seq_in_order(
             case ("publish",):
                 publish()
             case ("subscribe", how):
-                latest = history.latest_seq
-                since, epoch = {
-                    "live": (None, None),
-                    "recent": (max(0, latest - 2), history.epoch),
-                    "zero": (0, history.epoch),
-                    "old": (0 if latest <= 5 else latest - 7, history.epoch),
-                    "wrong_epoch": (latest, "not-the-epoch"),
-                }[how]
+                since, epoch = asked(history, how)
                 ticket, _ = subs.begin(T)
                 flight[ticket] = [since, epoch, None]
                 requests[ticket] = since
             case ("read", index) if flight:
-                ticket = sorted(flight)[index % len(flight)]
-                if flight[ticket][2] is None:
-                    flight[ticket][2] = history.recover(*flight[ticket][:2], 0.0)
+                read(sorted(flight)[index % len(flight)])
             case ("answer", index) if flight:
                 answer(sorted(flight)[index % len(flight)])
             case ("unsubscribe",):
-                # Everything sent so far is behind the client, which forgets the thread.
-                shell.run_writer(10_000)
                 subs.remove(T)
                 requests.clear()
-                shell.wire.clear()
+                shell.forget()
             case ("writer", items):
                 shell.run_writer(items)
             case ("room", written):
