@@ -6,21 +6,30 @@ free lock, and trio's ``socket.send`` yields again; and wsproto's frame encoder 
 CPU left. :class:`WriteThrough` keeps every other part of trio-websocket (handshake, reader
 task, pings, close handshake) and sends a data message like this instead:
 
-* nobody holds the send lock, the connection is open and the socket is a plain TCP socket:
-  encode the frame (:func:`agentcast._wsframe.data_frame`) and ``os.write`` it to the
-  non-blocking socket, in the step that dequeued it. No yield, no task.
-* the socket takes only part of it: the rest goes out under the send lock with trio's
-  ``send_all`` (a cancellation part-way leaves half a frame, which the caller handles as for
-  any cut write: ``Connection`` aborts it);
+* :meth:`WriteThrough.send_nowait` (the optional method of
+  :class:`~agentcast._transport.WritesThrough`): when nobody holds the send lock, nothing of an
+  earlier frame is still to be written, the connection is open and the socket is a plain TCP
+  socket, encode the frame (:func:`agentcast._wsframe.data_frame`) and ``os.write`` it to the
+  non-blocking socket, in the caller's step: no yield, no task. A connection calls it from the
+  producer's step (its writer idle, nothing queued), or through :meth:`WriteThrough.send_message`
+  from its writer.
+* the socket takes only part of it: the rest waits in the stream's tail (:class:`_TailFirst`,
+  which trio-websocket writes through) until :meth:`WriteThrough.finish_send` writes it under the
+  send lock, and any frame of trio-websocket's own (a ping, a pong, a close) that takes the lock
+  first writes the tail before itself. A cancellation part-way leaves half a frame, which the
+  caller handles as for any cut write: ``Connection`` aborts it;
 * anything else (the lock held by a ping, a pong or a close; a socket that would block; an
-  error; a connection closing): trio-websocket's own ``send_message``, unchanged.
+  error; a connection closing): ``send_nowait`` writes nothing and ``send_message`` uses
+  trio-websocket's own ``send_message``, unchanged.
 
-Ordering holds: all other writers (pings, pongs, close frames) go through the send lock, and a
-write-through happens only while it is free, so no frame ever interleaves with another.
+Ordering holds: all other writers (pings, pongs, close frames) go through the send lock and the
+tail-first stream, and a write-through happens only while the lock is free and no tail is left,
+so no frame ever interleaves with another.
 
-This relies on trio-websocket's private attributes (:data:`PRIVATE_ATTRIBUTES`); pyproject pins
-the version they were checked on, ``tests/test_server_wsconn.py`` checks they exist, and
-:meth:`WriteThrough.wrap` falls back to the plain connection when one is missing.
+This relies on trio-websocket's private attributes (:data:`PRIVATE_ATTRIBUTES`) and replaces
+one (``_stream``, with the tail-first stream around it); pyproject pins the version they were
+checked on, ``tests/test_server_wsconn.py`` checks they exist, and :meth:`WriteThrough.wrap`
+falls back to the plain connection when one is missing.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import trio
 from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
 from wsproto.connection import ConnectionState
 
-from .._transport import Transport
+from .._transport import Transport, Written
 from .._wsframe import data_frame
 
 __all__ = ["PRIVATE_ATTRIBUTES", "WriteThrough"]
@@ -42,21 +51,57 @@ log = logging.getLogger("agentcast.server")
 
 #: What the write-through path reads from a ``trio_websocket.WebSocketConnection`` (0.12.x):
 #: the close reason (set once closed), the send lock every writer takes, the wsproto state, the
-#: stream it writes to, and the abort it runs when that stream breaks.
+#: stream it writes to (replaced by a :class:`_TailFirst` around it), and the abort it runs when
+#: that stream breaks.
 PRIVATE_ATTRIBUTES: Final = (
     "_close_reason", "_stream_lock", "_wsproto", "_stream", "_abort_web_socket",
 )
 
 
 @final
+class _TailFirst(trio.abc.Stream):
+    """trio-websocket's stream, writing the rest of a write-through frame before anything else.
+
+    Installed as the connection's ``_stream``: every frame trio-websocket sends itself (under
+    the send lock) goes through :meth:`send_all`, so a ping, a pong or a close frame that takes
+    the lock before the connection's writer finishes a partial write cannot split that frame.
+    """
+
+    __slots__ = ("inner", "tail")
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        #: What is left of a frame the socket took part of; None when nothing is.
+        self.tail: memoryview | None = None
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        tail, self.tail = self.tail, None
+        if tail is not None:
+            await self.inner.send_all(tail)
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@final
 class WriteThrough:
     """A ``trio_websocket.WebSocketConnection`` with write-through ``send_message``.
 
-    Satisfies :class:`~agentcast._transport.Transport` (``send_message``, ``get_message``,
+    Satisfies :class:`~agentcast._transport.WritesThrough` (``send_nowait``, ``finish_send``)
+    and so :class:`~agentcast._transport.Transport` (``send_message``, ``get_message``,
     ``aclose(code, reason)``, ``subprotocol``), so adapters that wrap a transport wrap this.
     """
 
-    __slots__ = ("_lock", "_socket", "_wsproto", "partial_writes", "written_through", "ws")
+    __slots__ = (
+        "_lock", "_socket", "_stream", "_wsproto", "partial_writes", "written_through", "ws",
+    )
 
     def __init__(self, ws: WebSocketConnection, socket: trio.socket.SocketType) -> None:
         #: The wrapped connection; keepalive pings and closes use it directly.
@@ -68,6 +113,8 @@ class WriteThrough:
         self._socket = socket
         self._lock: trio.StrictFIFOLock = ws._stream_lock
         self._wsproto = ws._wsproto
+        self._stream = _TailFirst(ws._stream)
+        ws._stream = self._stream
 
     @classmethod
     def wrap(cls, ws: WebSocketConnection, stream: trio.abc.Stream) -> Transport:
@@ -97,6 +144,56 @@ class WriteThrough:
         """trio-websocket's close handshake (it closes the stream even if cancelled)."""
         await self.ws.aclose(code, reason)
 
+    def send_nowait(self, message: str | bytes) -> Written:
+        """Write ``message`` in this step if nothing else is being written and the socket takes
+        at least part of it (see the module and :class:`~agentcast._transport.Written`)."""
+        if (
+            self.ws._close_reason is not None or self._lock.locked()
+            or self._wsproto.state is not ConnectionState.OPEN or self._stream.tail is not None
+        ):
+            return Written.NONE
+        fd = self._socket.fileno()
+        if fd < 0:
+            return Written.NONE
+        data = data_frame(message)
+        try:
+            sent = os.write(fd, data)
+        except OSError:
+            # Would block (BlockingIOError), or reset or broken: nothing was written, so the
+            # library's own send waits for room or meets the same error and closes the
+            # connection its way (ConnectionClosed, 1006).
+            return Written.NONE
+        if sent == len(data):
+            self.written_through += 1
+            return Written.ALL
+        if sent == 0:
+            return Written.NONE
+        self.partial_writes += 1
+        self._stream.tail = memoryview(data)[sent:]
+        return Written.PART
+
+    async def finish_send(self) -> None:
+        """Write the rest of a frame :meth:`send_nowait` wrote part of, under the send lock, as
+        trio-websocket sends (and aborts on a broken stream); at once if a frame of
+        trio-websocket's own already wrote it.
+
+        Raises:
+            ConnectionClosed: the peer is gone.
+        """
+        ws = self.ws
+        stream = self._stream
+        async with self._lock:
+            tail, stream.tail = stream.tail, None
+            if tail is None:
+                return
+            try:
+                await stream.inner.send_all(tail)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await ws._abort_web_socket()
+                raise ConnectionClosed(
+                    ws._close_reason or CloseReason(1006, "connection lost")
+                ) from None
+
     async def send_message(self, message: str | bytes) -> None:
         """Send one message, in this step when the socket can take it (see the module).
 
@@ -106,42 +203,14 @@ class WriteThrough:
         Raises:
             ConnectionClosed: the connection is closed or closing, or the peer is gone.
         """
-        ws = self.ws
-        reason: CloseReason | None = ws._close_reason
+        reason: CloseReason | None = self.ws._close_reason
         if reason is not None:
             raise ConnectionClosed(reason)
-        fd = self._socket.fileno()
-        if self._lock.locked() or self._wsproto.state is not ConnectionState.OPEN or fd < 0:
-            await ws.send_message(message)
+        written = self.send_nowait(message)
+        if written is Written.ALL:
             return
-        data = data_frame(message)
-        try:
-            sent = os.write(fd, data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            # Reset or broken: nothing was written, so the library's own send meets the same
-            # error and closes the connection its way (ConnectionClosed, 1006).
-            sent = 0
-        if sent == len(data):
-            self.written_through += 1
+        if written is Written.PART:
+            await self.finish_send()
             return
-        if sent == 0:
-            await ws.send_message(message)
-            return
-        self.partial_writes += 1
-        await self._send_rest(memoryview(data)[sent:])
-
-    async def _send_rest(self, rest: memoryview) -> None:
-        """Finish a frame the socket took part of, under the send lock, as trio-websocket
-        sends (and aborts on a broken stream)."""
-        ws = self.ws
-        async with self._lock:
-            try:
-                await ws._stream.send_all(rest)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                await ws._abort_web_socket()
-                raise ConnectionClosed(
-                    ws._close_reason or CloseReason(1006, "connection lost")
-                ) from None
-
+        # trio-websocket's send takes the lock; the tail-first stream writes any tail first.
+        await self.ws.send_message(message)
