@@ -43,18 +43,23 @@ class RawClient:
     _buffer: bytearray = attrs.Factory(bytearray)
 
     @classmethod
-    async def open(cls, port: int, token: str, *, receive_buffer: int | None = None) -> RawClient:
-        """Connect and complete the handshake (``receive_buffer`` shrinks SO_RCVBUF first)."""
+    async def open(
+        cls, port: int, token: str, *, receive_buffer: int | None = None,
+        subprotocol: str | None = None,
+    ) -> RawClient:
+        """Connect and complete the handshake (``receive_buffer`` shrinks SO_RCVBUF first;
+        ``subprotocol`` is offered, e.g. ``agentcast.ndjson`` for batches)."""
         sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
         if receive_buffer is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         await sock.connect(("127.0.0.1", port))
         client = cls(trio.SocketStream(sock))
         key = base64.b64encode(os.urandom(16)).decode()
+        offer = "" if subprotocol is None else f"Sec-WebSocket-Protocol: {subprotocol}\r\n"
         await client.stream.send_all(
             f"GET /ws?token={token} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+            f"Sec-WebSocket-Version: 13\r\n{offer}\r\n".encode()
         )
         head = await client._read_until(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101"), head

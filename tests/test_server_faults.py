@@ -54,9 +54,9 @@ class Fixture:
     def token(self, user: str) -> str:
         return issue_token(SECRET, user)
 
-    async def raw(self, user: str, **kwargs: int) -> RawClient:
+    async def raw(self, user: str, *, receive_buffer: int | None = None) -> RawClient:
         """A raw client of ``user``; the fixture closes it at teardown whatever happened."""
-        client = await RawClient.open(self.port, self.token(user), **kwargs)
+        client = await RawClient.open(self.port, self.token(user), receive_buffer=receive_buffer)
         self.clients.append(client)
         return client
 

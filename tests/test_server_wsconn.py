@@ -305,6 +305,8 @@ async def test_each_delivery_costs_the_writer_one_scheduler_step(fixture: Fixtur
         client = await fixture.client("alice")
         connection = fixture.connection("alice")
         transport = server_websocket(connection)
+        # The writer's own path (queued events); the producer's is test_server_writethrough's.
+        connection._through = None
         before = transport.written_through
         counter = StepCounter(f"{connection.connection_id}:writer")
         trio.lowlevel.add_instrument(counter)

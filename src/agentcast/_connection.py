@@ -4,6 +4,12 @@ Rules of this module: producers reach a connection only through :meth:`Connectio
 :meth:`Connection.enqueue`, which never block (a full channel closes the connection as a slow
 consumer). Every close goes through :meth:`Connection.close`, which records the first close code
 and cancels or drains; :meth:`Connection.serve` then finishes the close exactly once.
+
+Write-through: when the transport offers ``send_nowait`` (``_transport.WritesThrough``) and
+:func:`~agentcast._writethrough.may_write_through` says yes (the writer parked on an empty
+channel, nothing part-written, not closing, batching not about to apply), :meth:`offer` writes a
+live event in the producer's step instead of waking the writer. If the socket takes only part of
+it, the writer finishes the rest first (:data:`FINISH_SEND` is queued ahead of anything else).
 """
 
 from __future__ import annotations
@@ -53,7 +59,8 @@ from ._protocol import (
 from ._ratelimit import Admission, InboundLimiter
 from ._stats import Counters
 from ._subscriptions import HeldOverflow, Subscriptions
-from ._transport import Transport, abort_transport, close_transport
+from ._transport import Transport, WritesThrough, Written, abort_transport, close_transport
+from ._writethrough import may_write_through
 
 __all__ = ["Connection", "ConnectionOwner"]
 
@@ -63,6 +70,11 @@ _ids = itertools.count(1)
 
 #: The data frame sent on a connection idle for ``Config.heartbeat_interval``; clients ignore it.
 HEARTBEAT_FRAME: Final = '{"type":"heartbeat"}'
+
+#: Queued after a write-through the socket took only part of: the writer finishes that frame
+#: (``WritesThrough.finish_send``) before anything else. It is always the first item queued
+#: after the write-through (the writer was idle, the channel empty), so ``gather`` never sees it.
+FINISH_SEND: Final[tuple[str, ...]] = ()
 
 
 class ConnectionOwner(Protocol):
@@ -76,6 +88,10 @@ class ConnectionOwner(Protocol):
 
     @property
     def counters(self) -> Counters: ...
+
+    @property
+    def totals(self) -> Counters:
+        """The manager's running totals; every count goes to ``counters`` and here."""
 
     @property
     def delivery_latency(self) -> DeliveryLatency:
@@ -143,6 +159,12 @@ class Connection:
     _credentials: Credentials | None = None
     #: When the watchdog warns (``token_expiring``) and closes (4001), in trio time.
     _expiry: ExpiryPlan = NEVER
+    #: The transport again, if it can write synchronously (None: every event is queued).
+    _through: WritesThrough | None = None
+    #: True while the writer waits on an empty channel; cleared by every :meth:`enqueue`.
+    _writer_idle: bool = False
+    #: The event a write-through wrote part of, until the writer has finished it.
+    _part_written: str | None = None
 
     @classmethod
     def create(
@@ -171,6 +193,8 @@ class Connection:
         )
         if credentials is not None:
             connection._grant(credentials)
+        if isinstance(transport, WritesThrough):
+            connection._through = transport
         return connection
 
     def __repr__(self) -> str:
@@ -212,23 +236,54 @@ class Connection:
         except HeldOverflow:
             self._slow_consumer("too many events held during replay")
             return
-        if live is not None:
-            self.enqueue(live)
+        if live is None:
+            return
+        through = self._through
+        if through is not None:
+            now = trio.current_time()
+            if may_write_through(
+                closing=self._close_code is not None, writer_idle=self._writer_idle,
+                writing=self._write_started is not None, batch=self.batch, now=now,
+                last_sent=self._last_sent,
+            ):
+                written = through.send_nowait(live)
+                if written is Written.ALL:
+                    self._last_sent = now
+                    owner = self._owner
+                    counters, totals = owner.counters, owner.totals
+                    counters.messages_sent += 1
+                    counters.events_sent += 1
+                    totals.messages_sent += 1
+                    totals.events_sent += 1
+                    self._owner.delivery_latency.observe_frame(live, 1)
+                    return
+                if written is Written.PART:
+                    # A write in progress, as the writer's: the watchdog bounds it, a close
+                    # meanwhile aborts (finish()), and the writer finishes it before anything.
+                    self._last_sent = self._write_started = now
+                    self._part_written = live
+                    self.enqueue(FINISH_SEND)
+                    return
+        self.enqueue(live)
 
     def enqueue(self, item: Outgoing) -> None:
         """Queue a frame (or an ack-and-replay group); a full channel closes with 4008."""
         if self._close_code is not None:
             self._owner.counters.events_dropped += 1
+            self._owner.totals.events_dropped += 1
             return
+        self._writer_idle = False
         try:
             self._send.send_nowait(item)
         except trio.WouldBlock:
             self._owner.counters.events_dropped += 1
+            self._owner.totals.events_dropped += 1
             self._slow_consumer("send queue full")
 
     def _slow_consumer(self, why: str) -> None:
         if self._close_code is None:
             self._owner.counters.slow_consumer_disconnects += 1
+            self._owner.totals.slow_consumer_disconnects += 1
             log.info(
                 "closing slow consumer %s of user %r: %s",
                 self.connection_id, self._owner.user_id, why,
@@ -316,7 +371,7 @@ class Connection:
 
     async def _write_loop(self) -> None:
         """Send what the channel brings, batched, until it ends or the connection must stop."""
-        counters = self._owner.counters
+        counters, totals = self._owner.counters, self._owner.totals
         config = self._owner.config
         limit = config.batch_max_events
         latency = self._owner.delivery_latency
@@ -326,9 +381,25 @@ class Connection:
         try:
             while True:
                 try:
-                    item = await receive.receive()
+                    item = receive.receive_nowait()
+                except trio.WouldBlock:
+                    # Parked on an empty channel: offer() may write through meanwhile.
+                    self._writer_idle = True
+                    try:
+                        item = await receive.receive()
+                    except trio.EndOfChannel:
+                        return
+                    finally:
+                        self._writer_idle = False
                 except trio.EndOfChannel:
                     return
+                else:
+                    # As receive() would: let producers add to what this wake-up gathers.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                if not item:  # FINISH_SEND
+                    if not await self._finish_send():
+                        return
+                    continue
                 frames, events, oldest_live, live = gather(
                     item, receive.receive_nowait, limit, empty
                 )
@@ -338,7 +409,9 @@ class Connection:
                     if not await self._write(message):
                         return
                     counters.messages_sent += 1
+                    totals.messages_sent += 1
                 counters.events_sent += events
+                totals.events_sent += events
                 if oldest_live is not None:
                     latency.observe_frame(oldest_live, live)
         finally:
@@ -360,6 +433,28 @@ class Connection:
         # Cancelled (cut by check_write or a close) leaves _write_started set: finish() aborts.
         self._write_started = None
         self._last_sent = started  # no second clock read on the hot path
+        return True
+
+    async def _finish_send(self) -> bool:
+        """Write the rest of the frame a write-through wrote part of (the write began then:
+        ``_write_started`` is already set, so :meth:`check_write` bounds it from there and a
+        cut leaves it set for finish() to abort); False if the peer has gone."""
+        through, frame = self._through, self._part_written
+        assert through is not None, "FINISH_SEND on a transport without send_nowait"
+        assert frame is not None, "FINISH_SEND without a part written"
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            await through.finish_send()
+        except ConnectionClosed as exc:
+            self._write_started = None
+            self._peer_gone(exc)
+            return False
+        self._write_started = self._part_written = None
+        owner = self._owner
+        for counters in (owner.counters, owner.totals):
+            counters.messages_sent += 1
+            counters.events_sent += 1
+        self._owner.delivery_latency.observe_frame(frame, 1)
         return True
 
     def check_write(self, now: float) -> None:
@@ -424,6 +519,7 @@ class Connection:
             if admission is not Admission.ACCEPT:
                 if admission is Admission.CLOSE:
                     self._owner.counters.rate_limit_disconnects += 1
+                    self._owner.totals.rate_limit_disconnects += 1
                     # Drain: the refusals already queued are sent, and a busy writer is not
                     # cut mid-write (which would turn 4029 into an abort, 1006).
                     self.close(CloseCode.RATE_LIMITED, "rate limit exceeded", drain=True)
@@ -441,6 +537,7 @@ class Connection:
 
     def _refuse(self, exc: ProtocolError) -> None:
         self._owner.counters.protocol_errors += 1
+        self._owner.totals.protocol_errors += 1
         if exc.close_code is not None:
             self.close(exc.close_code, exc.message)
         else:

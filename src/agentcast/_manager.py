@@ -60,7 +60,9 @@ class ConnectionManager:
     _sessions: dict[str, UserSession] = attrs.Factory(dict)
     _ready: trio.Event = attrs.Factory(trio.Event)
     _closing: bool = False
-    _retired: Counters = attrs.Factory(Counters)
+    #: Running totals of every session, open and closed: each session counts into them as it
+    #: counts into its own ``counters``, so ``get_stats`` reads them instead of summing.
+    _totals: Counters = attrs.Factory(Counters)
     _sessions_closed: int = 0
     _session_crashes: int = 0
     #: Publish-to-written latency of live events, over all connections.
@@ -94,7 +96,10 @@ class ConnectionManager:
         user_id = user_context.user_id
         session = self._sessions.get(user_id)
         if session is None or session.closed:
-            session = UserSession(user_id, self, self.broker, self.config, self._message_handler)
+            session = UserSession(
+                user_id, self, self.broker, self.config, self._message_handler,
+                totals=self._totals,
+            )
             self._sessions[user_id] = session
             self._root.start_soon(session.supervise, name=f"agentcast.session.{user_id}")
         else:
@@ -240,7 +245,6 @@ class ConnectionManager:
         """Called by a session's supervisor when it has finished."""
         if self._sessions.get(session.user_id) is session:
             del self._sessions[session.user_id]
-        self._retired.add(session.counters)
         self._sessions_closed += 1
         if session._crashed:
             self._session_crashes += 1
@@ -263,6 +267,10 @@ class ConnectionManager:
     def get_stats(self, *, per_user: bool = True) -> ManagerStats:
         """A snapshot of every session, with totals that include closed sessions.
 
+        The event and connection counters are running totals (read, not summed over
+        sessions); ``connections`` and ``active_runs`` still add up the open sessions and
+        ``live_tasks`` walks the task tree.
+
         Args:
             per_user: include a :class:`SessionStats` per live user; False leaves ``per_user``
                 empty and skips building those snapshots (what the server's ``/stats`` uses,
@@ -272,10 +280,6 @@ class ConnectionManager:
         per_user_stats = (
             {user_id: s.get_stats() for user_id, s in self._sessions.items()} if per_user else {}
         )
-        totals = Counters()
-        totals.add(self._retired)
-        for session in sessions:
-            totals.add(session.counters)
         broker = self.broker.statistics()
         return ManagerStats(
             users=len(self._sessions),
@@ -289,7 +293,7 @@ class ConnectionManager:
             broker_retained_bytes=broker.retained_bytes,
             delivery_latency=self.delivery_latency.snapshot(),
             per_user=per_user_stats,
-            **attrs.asdict(totals),
+            **attrs.asdict(self._totals),
         )
 
 

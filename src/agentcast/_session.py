@@ -87,6 +87,8 @@ class UserSession:
     config: Config
     _message_handler: MessageHandler | None
     counters: Counters = attrs.Factory(Counters)
+    #: The manager's running totals: everything counted in ``counters`` is counted here too.
+    totals: Counters = attrs.Factory(Counters)
     _nursery: trio.Nursery | None = None
     _opened: trio.Event = attrs.Factory(trio.Event)
     _finished: trio.Event = attrs.Factory(trio.Event)
@@ -213,6 +215,7 @@ class UserSession:
         self._reserved -= 1
         self._connections[connection.connection_id] = connection
         self.counters.connections_opened += 1
+        self.totals.connections_opened += 1
         self._notify()
         self._nursery.start_soon(
             connection.serve, name=f"agentcast.{self.user_id}.{connection.connection_id}"
@@ -299,6 +302,7 @@ class UserSession:
         await self._pace()
         seq = await self._broker.publish(self.user_id, thread_id, event)
         self.counters.events_published += 1
+        self.totals.events_published += 1
         return seq
 
     async def send_to_user(self, event: AgentEvent) -> None:
@@ -346,6 +350,7 @@ class UserSession:
         run = Run(run_id, thread_id, agent_name, self.send_to_thread)
         self._runs[run_id] = run
         self.counters.runs_started += 1
+        self.totals.runs_started += 1
         self._notify()
         return run
 

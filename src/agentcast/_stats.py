@@ -14,7 +14,8 @@ __all__ = ["Counters", "ManagerStats", "SessionStats", "count_tasks"]
 
 @attrs.define
 class Counters:
-    """Running totals; sessions own one, the manager keeps those of closed sessions."""
+    """Running totals; each session owns one, and the manager one that every session also
+    counts into (so its totals, closed sessions included, need no summing)."""
 
     events_published: int = 0
     events_sent: int = 0

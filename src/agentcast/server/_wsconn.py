@@ -11,7 +11,10 @@ lock and its retained h11 handshake, and every send three scheduler steps. A
   go to the pure ``_wsstate.ServerProtocol`` (wsproto), which says what to deliver, what to
   answer (pongs, the close reply, 1002/1007/1009) and when it is over;
 * **sending** is write-through: a frame (the pure ``agentcast._wsframe`` encoder) is
-  written to the non-blocking socket in the step that asked, with no yield. Only a
+  written to the non-blocking socket in the step that asked, with no yield: the writer's
+  :meth:`~ServerWebSocket.send_message`, or the producer's step through
+  :meth:`~ServerWebSocket.send_nowait` (``_transport.WritesThrough``: the connection writes a
+  live event there when its writer is idle and nothing is queued). Only a
   socket that would block makes the caller wait: the rest goes into a backlog that one task
   at a time writes as the socket drains, and every frame after it queues behind it, so frames
   never interleave. The connection's write watchdog (``Connection.check_write``) bounds that
@@ -38,6 +41,7 @@ from typing import final
 import trio
 from trio_websocket import CloseReason, ConnectionClosed
 
+from .._transport import Written
 from .._wsframe import data_frame
 from ._inbound import READ_CHUNK, InboundGuard
 from ._keepalive import Keepalive, Watch
@@ -209,6 +213,33 @@ class ServerWebSocket:
             self.written_through += 1
             return
         self.waited_writes += 1
+        await self._drain()
+
+    def send_nowait(self, message: str | bytes) -> Written:
+        """Write ``message`` in this step if nothing is waiting to be written and the socket
+        takes at least part of it (``_transport.WritesThrough``).
+
+        ``Written.PART`` leaves the rest first in the backlog: :meth:`finish_send` writes it,
+        and every frame after it (a pong, a ping, a close) waits behind it. Never raises:
+        closing, closed or broken answers ``Written.NONE`` (``send_message`` reports it).
+        """
+        if self._protocol.closed is not None or self._backlog:
+            return Written.NONE
+        data = data_frame(message)
+        try:
+            sent = self._sock.send(data)
+        except OSError:  # would block (BlockingIOError), or broken: the queued path decides
+            return Written.NONE
+        if sent == len(data):
+            self.written_through += 1
+            return Written.ALL
+        self.waited_writes += 1
+        self._backlog = bytearray(memoryview(data)[sent:])
+        return Written.PART
+
+    async def finish_send(self) -> None:
+        """Write the rest of what :meth:`send_nowait` wrote part of (at once if nothing is
+        left). Raises ConnectionClosed if the socket closed first."""
         await self._drain()
 
     def send_ping(self, payload: bytes) -> bool:
