@@ -80,6 +80,15 @@ class Broker(Protocol):
     async def publish(self, user_id: str, thread_id: str, event: AgentEvent) -> int:
         """Assign the next seq, retain the event and deliver it; return the seq."""
 
+    async def enqueue(self, user_id: str, thread_id: str, event: AgentEvent) -> None:
+        """Publish like :meth:`publish`, returning once the event is queued, in order with
+        every publish of the thread made before it; a failure afterwards is raised by the
+        thread's next ``publish``/``enqueue`` or by :meth:`flush` (never silent)."""
+
+    async def flush(self, user_id: str) -> None:
+        """Wait until everything queued by :meth:`enqueue` before the call is stored; raise
+        the first failure of ``user_id``'s queued events not yet raised."""
+
     async def publish_user(self, user_id: str, event: AgentEvent) -> None:
         """Deliver a live-only event to every connection of ``user_id``."""
 
@@ -296,6 +305,19 @@ class InMemoryBroker:
             self._trim(now)
         sink.deliver_thread(user_id, thread_id, seq, frame)
         return seq
+
+    async def enqueue(self, user_id: str, thread_id: str, event: AgentEvent) -> None:
+        """Publish at once (nothing to wait for in memory): the same as :meth:`publish`
+        without its seq.
+
+        Raises:
+            RunTooLarge: as :meth:`publish` (right away: nothing is left queued to fail later).
+        """
+        await self.publish(user_id, thread_id, event)
+
+    async def flush(self, user_id: str) -> None:
+        """Nothing to wait for: every publish is stored before it returns."""
+        await trio.lowlevel.checkpoint()
 
     async def publish_user(self, user_id: str, event: AgentEvent) -> None:
         """Deliver a live-only event to one user's connections."""

@@ -8,10 +8,12 @@ runs under ``trio.run`` and under ``asyncio.run`` alike.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import types
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, final
+from typing import Any, final
 
 import anyio
 import attrs
@@ -22,12 +24,12 @@ from ._ids import check_id, new_id
 from ._lifecycle import RunEmitter, decide_terminal, elapsed_ms, started_event
 from ._presence import Presence
 from ._redact import redact_url
+from ._redis_pipeline import PublishPipeline
 from ._redis_streams import REDIS_TIMEOUT, StreamOps, redis_client, redis_errors
 
-if TYPE_CHECKING:
-    import coredis
-
 __all__ = ["PublisherRun", "RedisPublisher"]
+
+log = logging.getLogger("agentcast")
 
 
 @final
@@ -87,26 +89,33 @@ class RedisPublisher:
     url: str
     config: Config = attrs.Factory(Config)
     timeout: float = attrs.field(default=REDIS_TIMEOUT, kw_only=True)
-    _client: coredis.Redis[str] | None = None
     _ops: StreamOps | None = None
+    #: The client, then the flusher's task group, exited in reverse on close.
+    _stack: contextlib.AsyncExitStack | None = None
+    _flusher: anyio.CancelScope | None = None
+    #: The publish queue; it outlives the connection, like the broker's.
+    _pipeline: PublishPipeline = attrs.Factory(PublishPipeline)
 
     def __repr__(self) -> str:
         state = "open" if self._ops is not None else "closed"
         return f"<RedisPublisher {redact_url(self.url)!r} {state}>"
 
     async def __aenter__(self) -> RedisPublisher:
+        stack = contextlib.AsyncExitStack()
         client = redis_client(self.url, self.timeout)
         with redis_errors("connecting to Redis"):
-            await client.__aenter__()
-        ops = StreamOps(client, self.config, timeout=self.timeout)
+            await stack.enter_async_context(client)
+        ops = StreamOps(client, self.config, timeout=self.timeout, pipeline=self._pipeline)
         try:
             with redis_errors("connecting to Redis", self.timeout):
                 await client.ping()
             await ops.load_scripts()  # the first publish then logs no NOSCRIPT retry
+            tasks = await stack.enter_async_context(anyio.create_task_group())
+            await tasks.start(ops.flush_publishes)
         except BaseException:
-            await client.__aexit__(None, None, None)
+            await stack.aclose()
             raise
-        self._client, self._ops = client, ops
+        self._stack, self._ops, self._flusher = stack, ops, tasks.cancel_scope
         return self
 
     async def __aexit__(
@@ -115,9 +124,24 @@ class RedisPublisher:
         exc: BaseException | None,
         tb: types.TracebackType | None,
     ) -> None:
-        client, self._client, self._ops = self._client, None, None
-        if client is not None:
-            await client.__aexit__(exc_type, exc, tb)
+        """Flush what is queued (on a clean exit: a failure raises here), then close."""
+        stack, flusher = self._stack, self._flusher
+        self._stack = self._ops = self._flusher = None
+        if stack is None or flusher is None:
+            return
+        try:
+            if exc_type is None:
+                await self._pipeline.wait_flushed(None)
+        finally:
+            lost = self._pipeline.depth
+            flusher.cancel()
+            # Not the body's exception: a task group would wrap it in an ExceptionGroup.
+            await stack.aclose()
+            if lost:
+                log.warning(
+                    "RedisPublisher closed with %d events still queued; they were not stored",
+                    lost,
+                )
 
     def _require(self) -> StreamOps:
         if self._ops is None:
@@ -125,14 +149,52 @@ class RedisPublisher:
         return self._ops
 
     async def send_to_thread(self, user_id: str, thread_id: str, event: AgentEvent) -> int:
-        """Publish ``event`` on the user's thread (seq assigned in Redis); return the seq.
+        """Publish ``event`` on the user's thread (seq assigned in Redis); return the seq once
+        Redis has stored it.
 
         Raises:
             InvalidIdentifier: a user or thread id is invalid.
+            RunTooLarge: this event, or one queued earlier on the thread, was refused by
+                ``Config.max_run_bytes`` (this one not published).
         """
         check_id("user_id", user_id)
         check_id("thread_id", thread_id)
         return await self._require().publish(user_id, thread_id, event)
+
+    async def queue_to_thread(self, user_id: str, thread_id: str, event: AgentEvent) -> None:
+        """Publish ``event`` on the user's thread without waiting for its seq: returns once it
+        is queued, in order with every other publish of the thread from this publisher (a
+        later ``send_to_thread`` of the thread is stored after it). Events queued meanwhile
+        go to Redis together: one round trip per batch, one script call per thread.
+
+        The queue is bounded (``QUEUE_MAX_EVENTS`` events, ``QUEUE_MAX_BYTES`` bytes): when
+        full this waits, at most ``timeout``, then raises ``BrokerUnavailable``. A queued
+        event that then fails is raised (an error of its class naming the thread) by the
+        thread's next ``queue_to_thread``/``send_to_thread``, which then publishes nothing,
+        or by :meth:`flush`; leaving ``async with`` cleanly flushes too.
+
+        Raises:
+            InvalidIdentifier: a user or thread id is invalid.
+            BrokerUnavailable: the queue stayed full, or an earlier queued event of the
+                thread was not stored.
+            RunTooLarge: an earlier queued event of the thread was refused by
+                ``Config.max_run_bytes``.
+        """
+        check_id("user_id", user_id)
+        check_id("thread_id", thread_id)
+        await self._require().enqueue(user_id, thread_id, event)
+
+    async def flush(self) -> None:
+        """Wait until every event queued before this call is stored; raise the first failure
+        of a queued event not yet raised (of any thread).
+
+        Raises:
+            BrokerUnavailable: a queued event was not stored, or Redis stored nothing for
+                twice ``timeout``.
+            RunTooLarge: a queued event was refused by ``Config.max_run_bytes``.
+        """
+        self._require()
+        await self._pipeline.wait_flushed(None)
 
     async def send_to_user(self, user_id: str, event: AgentEvent) -> None:
         """Publish a live-only event (no seq, not replayed) to every connection of the user."""

@@ -53,6 +53,13 @@ class MeteredBroker:
         self.published[event.type] += 1
         return seq
 
+    async def enqueue(self, user_id: str, thread_id: str, event: AgentEvent) -> None:
+        await self.inner.enqueue(user_id, thread_id, event)
+        self.published[event.type] += 1
+
+    async def flush(self, user_id: str) -> None:
+        await self.inner.flush(user_id)
+
     async def publish_user(self, user_id: str, event: AgentEvent) -> None:
         await self.inner.publish_user(user_id, event)
         self.published[event.type] += 1
