@@ -337,7 +337,9 @@ class StreamOps:
                 finally:
                     pipeline.finish(batch, error)
                 if error is not None:
-                    pipeline.fail_queued(error)
+                    pipeline.fail_queued(BrokerUnavailable(
+                        f"publish failed: not sent, queued behind a batch that failed ({error})"
+                    ))
         finally:
             pipeline.close(BrokerUnavailable("publish failed: the Redis connection was lost"))
 
@@ -358,7 +360,10 @@ class StreamOps:
                 leaf = first_leaf(exc)
                 if attempt == 0 and _no_script(leaf):
                     continue
-                return BrokerUnavailable(f"publish failed: {describe(leaf, self.timeout)}")
+                return BrokerUnavailable(
+                    f"publish failed: {describe(leaf, self.timeout)}; it was sent and may "
+                    "still be stored (resume with since_seq to find out)"
+                )
         return None  # not reached: the second attempt returns or fails
 
     def _call(self, call: list[QueuedPublish]) -> tuple[list[str], list[Any]]:
