@@ -76,7 +76,7 @@ async def reload_once(manager: ConnectionManager, expected: str) -> dict[str, fl
     }))
     ack = await receive()
     assert ack["recovered"], ack
-    replay = []
+    replay: list[dict[str, Any]] = []
     while not replay or replay[-1]["seq"] < ack["seq"]:
         replay.append(await receive())
     texts, _ = apply_replay(replay, last_seq=run["first_seq"] - 1)

@@ -222,13 +222,15 @@ def issue12_verdicts(results: dict[str, Any], status: str = "") -> list[str]:
     idle = {peer: (s.get("idle") or {}).get("kb_per_connection") for peer, s in peers.items()}
     if idle.get("agentcast") is not None:
         kb, cf = idle["agentcast"], idle.get("centrifuge")
+        assert kb is not None
         ok = kb <= 20 and (cf is None or kb < cf)
         lines.append(f"idle ≤ 20 KB per connection, below centrifuge's: {verdict(ok)} — "
                      f"agentcast {kb} KB, centrifuge {cf}, websockets {idle.get('websockets')}")
     hs = {peer: (s.get("connect") or {}).get("handshakes_per_s") for peer, s in peers.items()}
-    if hs.get("agentcast") is not None and hs.get("websockets") is not None:
-        lines.append(f"handshakes/s ≥ websockets': {verdict(hs['agentcast'] >= hs['websockets'])}"
-                     f" — agentcast {hs['agentcast']}/s vs websockets {hs['websockets']}/s")
+    ours_hs, theirs_hs = hs.get("agentcast"), hs.get("websockets")
+    if ours_hs is not None and theirs_hs is not None:
+        lines.append(f"handshakes/s ≥ websockets': {verdict(ours_hs >= theirs_hs)}"
+                     f" — agentcast {ours_hs}/s vs websockets {theirs_hs}/s")
     if ours:
         failures = [f for f in integrity_failures({"peers": {"agentcast": ours}})]
         lines.append(f"no integrity regression (losses, duplicates, order, cross-user): "

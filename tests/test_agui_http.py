@@ -121,7 +121,7 @@ async def test_last_event_id_resumes_a_dropped_stream_from_history() -> None:
         port = served.running.port
         with trio.fail_after(20):
             sse = await SseStream.post(port, "/agui", run_input(), bearer("bo"))
-            first = []
+            first: list[tuple[str | None, dict[str, Any]]] = []
             while not any(event["type"] == "TEXT_MESSAGE_CONTENT" for _, event in first):
                 item = await sse.event()
                 assert item is not None
@@ -239,7 +239,7 @@ async def test_a_client_that_stops_reading_is_cut_off_and_others_stream_on() -> 
             (stuck,) = session.connections()
             # A bystander's run streams complete and in order meanwhile.
             url = f"ws://127.0.0.1:{port}/ws?token={issue_token(SECRET, 'bystander')}"
-            events = []
+            events: list[dict[str, Any]] = []
             async with open_websocket_url(url) as ws:
                 await ws.send_message('{"type":"subscribe","thread_id":"t-b"}')
                 await ws.send_message('{"type":"user_message","thread_id":"t-b","text":"hi"}')

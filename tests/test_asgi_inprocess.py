@@ -22,10 +22,12 @@ from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from websockets.exceptions import InvalidStatus
 from websockets.trio.client import connect
+from websockets.typing import Subprotocol
 
 import agentcast
 import agentcast.asgi
 from agentcast import AgentEvent, EventType, UserContext
+from agentcast.protocols import AGUI_SUBPROTOCOL, VERCEL_SUBPROTOCOL
 
 from .rawws import TEXT, RawClient
 
@@ -47,10 +49,12 @@ def tasks_named(prefix: str) -> list[trio.lowlevel.Task]:
             for child in nursery.child_tasks:
                 yield from walk(child)
 
-    return [t for t in walk(trio.lowlevel.current_root_task()) if t.name.startswith(prefix)]
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    return [t for t in walk(root) if t.name.startswith(prefix)]
 
 
-def authenticate(scope: dict[str, Any]) -> UserContext:
+def authenticate(scope: agentcast.asgi.Scope) -> UserContext:
     query = dict(part.split("=", 1) for part in scope["query_string"].decode().split("&"))
     if query.get("token") != "ok":
         raise agentcast.asgi.Refuse(401, "bad token")
@@ -77,13 +81,28 @@ class App:
             )
 
 
+#: What the fixture's agent answers every user message with, in two deltas.
+REPLY = ("Hi ", "there")
+
+
+async def reply(session: agentcast.UserSession, connection: Any, frame: dict[str, Any]) -> None:
+    """Answer a ``user_message`` with a run of :data:`REPLY` on its thread."""
+    async def agent(run: Any, text: str) -> dict[str, str]:
+        for delta in REPLY:
+            await run.text(delta)
+        return {"answer": "".join(REPLY)}
+
+    await trio.lowlevel.checkpoint()
+    session.start_run(frame["thread_id"], agent, frame["text"], agent_name="bot")
+
+
 @pytest.fixture
 async def app() -> AsyncIterator[App]:
     baseline = open_fds()
     config = agentcast.Config(
         write_timeout=WRITE_TIMEOUT, session_linger=0, max_connections_per_user=MAX_PER_USER
     )
-    lifespan = agentcast.asgi.lifespan(config)
+    lifespan = agentcast.asgi.lifespan(config, message_handler=reply)
     starlette = Starlette(
         routes=[WebSocketRoute("/ws", agentcast.asgi.endpoint(authenticate=authenticate))],
         lifespan=lifespan,
@@ -95,7 +114,10 @@ async def app() -> AsyncIterator[App]:
     stop = trio.Event()
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            binds = await nursery.start(partial(serve, starlette, hypercorn,
+            # hypercorn's ASGI type and Starlette's differ in name only (typeshed-style dicts
+            # against MutableMapping); the app is a plain ASGI 3 callable.
+            app: Any = starlette
+            binds = await nursery.start(partial(serve, app, hypercorn,
                                                 shutdown_trigger=stop.wait))
             fixture = App(int(binds[0].rsplit(":", 1)[1]), lifespan)
             baseline_tasks = fixture.manager.get_stats().live_tasks
@@ -157,7 +179,7 @@ async def test_past_the_connection_limit_a_handshake_gets_429_and_the_others_go_
 
 async def test_a_client_that_stops_reading_is_cut_by_the_write_deadline(app: App) -> None:
     async with connect(f"ws://127.0.0.1:{app.port}/ws?user=bob&token=ok",
-                       subprotocols=["agentcast.ndjson"]) as bob:
+                       subprotocols=[Subprotocol("agentcast.ndjson")]) as bob:
         await bob.send(json.dumps({"type": "subscribe", "thread_id": "t1"}))
         assert json.loads(await bob.recv())["type"] == "subscribed"
 
@@ -198,3 +220,54 @@ async def test_a_client_that_stops_reading_is_cut_by_the_write_deadline(app: App
                 assert isinstance(message, str)
                 seqs += [json.loads(line)["seq"] for line in message.split("\n")]
         assert seqs == list(range(1, 101))
+
+
+async def run_on(app: App, user: str, thread: str, deltas: list[str]) -> None:
+    """One run of ``deltas`` on (user, thread), ended by its return value."""
+    async with app.session(user).run(thread, agent_name="bot") as run:
+        for delta in deltas:
+            await run.text(delta)
+        run.result = {"answer": "".join(deltas)}
+
+
+async def test_an_agui_client_gets_translated_events_as_from_the_standalone_server(
+    app: App,
+) -> None:
+    """The ASGI endpoint selects ``agentcast.agui`` and translates at the edge, by the same
+    rule as ``agentcast serve`` (the subprotocol it offered no longer falls through to a
+    native stream the AG-UI client cannot read)."""
+    url = f"ws://127.0.0.1:{app.port}/ws?user=ann&token=ok"
+    events: list[dict[str, Any]] = []
+    with trio.fail_after(15):
+        async with connect(url, subprotocols=[Subprotocol(AGUI_SUBPROTOCOL)]) as ws:
+            assert ws.subprotocol == AGUI_SUBPROTOCOL
+            await ws.send(json.dumps({"type": "subscribe", "thread_id": "t-a"}))
+            # The subscription's ack, as AG-UI's CUSTOM event, before the run starts.
+            ack = json.loads(str(await ws.recv()).split("\n")[0])
+            assert (ack["type"], ack["name"]) == ("CUSTOM", "agentcast.subscribed")
+            await run_on(app, "ann", "t-a", ["Hel", "lo"])
+            while not any(e["type"] == "RUN_FINISHED" for e in events):
+                events.extend(json.loads(line) for line in str(await ws.recv()).split("\n"))
+    types = [e["type"] for e in events]
+    assert types[0] == "RUN_STARTED"
+    assert "".join(e["delta"] for e in events if e["type"] == "TEXT_MESSAGE_CONTENT") == "Hello"
+    assert events[-1]["result"] == {"answer": "Hello"}
+
+
+async def test_a_vercel_client_gets_ui_message_chunks(app: App) -> None:
+    url = f"ws://127.0.0.1:{app.port}/ws?user=vic&token=ok"
+    frames: list[dict[str, Any]] = []
+    with trio.fail_after(15):
+        async with connect(url, subprotocols=[Subprotocol(VERCEL_SUBPROTOCOL)]) as ws:
+            assert ws.subprotocol == VERCEL_SUBPROTOCOL
+            await ws.send(json.dumps({
+                "type": "send", "requestId": "q1", "id": "chat-1",
+                "messages": [{"id": "m1", "role": "user", "parts": [
+                    {"type": "text", "text": "hi"}]}],
+            }))
+            while not any(f["type"] == "end" for f in frames):
+                frames.append(json.loads(str(await ws.recv())))
+    chunks = [f["chunk"] for f in frames if f["type"] == "chunk"]
+    assert chunks[0]["type"] == "start"
+    assert "".join(c["delta"] for c in chunks if c["type"] == "text-delta") == "".join(REPLY)
+    assert chunks[-1]["type"] == "finish"

@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -28,6 +29,10 @@ from agentcast.asgi._policy import (
         (["agentcast.v1"], "agentcast.v1"),
         (["agentcast.v1", "agentcast.ndjson"], "agentcast.ndjson"),
         ([" agentcast.v1 ", "bearer.abc"], "agentcast.v1"),
+        (["agentcast.agui"], "agentcast.agui"),
+        (["agentcast.vercel-ai", "bearer.abc"], "agentcast.vercel-ai"),
+        (["agentcast.vercel-ai", "agentcast.agui"], "agentcast.agui"),
+        (["agentcast.agui", "agentcast.v1"], "agentcast.v1"),
         (["bearer.secret-token"], None),  # never echo the token
         ([], None),
     ],
@@ -49,7 +54,8 @@ def test_a_refusal_is_a_real_http_response_where_the_server_offers_the_extension
 
 
 def test_without_the_extension_a_refusal_is_a_close_before_accept() -> None:
-    for extensions in (None, {}, {"websocket.http.response.other": {}}):
+    cases: list[dict[str, Any] | None] = [None, {}, {"websocket.http.response.other": {}}]
+    for extensions in cases:
         (event,) = refusal_events(429, "too many connections " * 20, extensions)
         assert event["type"] == "websocket.close"  # the server answers it with 403
         assert len(event["reason"]) <= 120
@@ -98,7 +104,7 @@ async def test_the_threaded_bridge_under_trio_says_to_use_the_lifespan() -> None
 
 
 async def test_an_endpoint_without_a_manager_says_how_to_give_it_one() -> None:
-    app = agentcast.asgi.endpoint(authenticate=lambda scope: agentcast.UserContext("a"))
+    app = agentcast.asgi.endpoint(authenticate=lambda scope: agentcast.UserContext(user_id="a"))
 
     async def receive() -> dict[str, object]:
         raise AssertionError("not reached")

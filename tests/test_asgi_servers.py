@@ -24,6 +24,7 @@ import pytest
 import trio
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.trio.client import ClientConnection, connect
+from websockets.typing import Subprotocol
 
 from .redis_server import RedisServer
 
@@ -174,13 +175,17 @@ def events_of(seen: list[dict[str, Any]], thread: str = "t1") -> list[dict[str, 
 
 
 async def subscribe(ws: ClientConnection, since: int | None = None,
-                    epoch: str | None = None) -> dict[str, Any]:
+                    epoch: str | None = None) -> list[dict[str, Any]]:
     frame: dict[str, Any] = {"type": "subscribe", "thread_id": "t1"}
     if since is not None:
         frame |= {"since_seq": since, "epoch": epoch}
     await ws.send(json.dumps(frame))
     return await read_until(ws, lambda s: s[0]["type"] == "subscribed")
 
+
+#: The subprotocols these tests offer (websockets types them).
+NDJSON, V1, AGUI = (Subprotocol(name) for name in (
+    "agentcast.ndjson", "agentcast.v1", "agentcast.agui"))
 
 CASES = [
     ("hypercorn", "fastapi_app", "/ws/"),
@@ -203,7 +208,7 @@ async def test_stream_drop_resume_cancel_and_refusal(server: str, module: str, p
             assert b"APP_TOKEN" in refused.value.response.body
 
             with trio.CancelScope() as drop:
-                async with connect(srv.url(path), subprotocols=["agentcast.ndjson"]) as ws:
+                async with connect(srv.url(path), subprotocols=[NDJSON]) as ws:
                     assert ws.subprotocol == "agentcast.ndjson"
                     ack = (await subscribe(ws))[0]
                     assert ack["recovered"] is False
@@ -211,13 +216,14 @@ async def test_stream_drop_resume_cancel_and_refusal(server: str, module: str, p
                                                     "delay": 0.01})
                     first = events_of(await read_until(ws, lambda s: len(events_of(s)) >= 10))
                     # Drop without a close handshake: a TCP reset from the server's view.
+                    assert isinstance(ws.stream, trio.SocketStream)
                     ws.stream.socket.setsockopt(
                         socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     drop.cancel()
                     await trio.sleep_forever()
             last = first[-1]["seq"]
 
-            async with connect(srv.url(path), subprotocols=["agentcast.v1"]) as ws:
+            async with connect(srv.url(path), subprotocols=[V1]) as ws:
                 assert ws.subprotocol == "agentcast.v1"
                 seen = await subscribe(ws, since=last, epoch=ack["epoch"])
                 assert seen[0]["recovered"] is True
@@ -317,3 +323,22 @@ async def test_two_uvicorn_workers_share_events_through_redis(redis_server: Redi
                         f["type"] == "agent_completed" for f in s) >= runs))
                     assert [e["seq"] for e in seen] == list(range(1, 4 * runs + 1))
     assert len(pids) == 2
+
+
+@pytest.mark.parametrize("server", ["hypercorn", "uvicorn"])
+async def test_an_agui_client_is_translated_under_both_servers(server: str) -> None:
+    """``agentcast.agui`` is selected and translated under the trio endpoint (hypercorn) and
+    the threaded bridge (uvicorn) alike, as by ``agentcast serve``."""
+    async with running(server, "fastapi_app") as srv:
+        with trio.fail_after(STEP):
+            async with connect(srv.url("/ws/"), subprotocols=[AGUI]) as ws:
+                assert ws.subprotocol == "agentcast.agui"
+                await ws.send(json.dumps({"type": "subscribe", "thread_id": "t1"}))
+                events = [json.loads(line) for line in str(await ws.recv()).split("\n")]
+                assert (events[0]["type"], events[0]["name"]) == ("CUSTOM", "agentcast.subscribed")
+                await post_run(srv.port, {"thread_id": "t1", "steps": 3, "delay": 0})
+                while not any(e["type"] == "RUN_FINISHED" for e in events):
+                    events += [json.loads(line) for line in str(await ws.recv()).split("\n")]
+        types = [e["type"] for e in events]
+        assert "RUN_STARTED" in types
+        assert types.index("RUN_STARTED") < types.index("RUN_FINISHED")

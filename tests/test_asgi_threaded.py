@@ -18,6 +18,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from websockets.asyncio.client import connect
+from websockets.typing import Subprotocol
 
 import agentcast
 import agentcast.asgi
@@ -27,7 +28,7 @@ WRITE_TIMEOUT = 1.0
 STEP = 20
 
 
-def authenticate(scope: dict[str, Any]) -> UserContext:
+def authenticate(scope: agentcast.asgi.Scope) -> UserContext:
     query = dict(part.split("=", 1) for part in scope["query_string"].decode().split("&"))
     return UserContext.from_request(user_id=query["user"])
 
@@ -104,7 +105,7 @@ async def scenario() -> None:
     serving = asyncio.create_task(server.serve(sockets=[listener]))
     try:
         async with connect(f"ws://127.0.0.1:{port}/ws?user=bob",
-                           subprotocols=["agentcast.ndjson"]) as bob:
+                           subprotocols=[Subprotocol("agentcast.ndjson")]) as bob:
             async with asyncio.timeout(STEP):
                 await bob.send(json.dumps({"type": "subscribe", "thread_id": "t1"}))
                 assert json.loads(await bob.recv())["type"] == "subscribed"

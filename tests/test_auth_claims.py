@@ -112,9 +112,9 @@ def test_the_expiry_plan_maps_unix_time_onto_the_watchdog_clock() -> None:
 
 def test_a_refresh_may_keep_or_narrow_the_threads_only() -> None:
     assert narrow_threads(None, None) is None
-    assert narrow_threads(None, frozenset({"t1"})) == {"t1"}
-    assert narrow_threads(frozenset({"t1", "t2"}), frozenset({"t1"})) == {"t1"}
-    assert narrow_threads(frozenset({"t1"}), frozenset({"t1"})) == {"t1"}
+    assert narrow_threads(None, frozenset({"t1"})) == frozenset({"t1"})
+    assert narrow_threads(frozenset({"t1", "t2"}), frozenset({"t1"})) == frozenset({"t1"})
+    assert narrow_threads(frozenset({"t1"}), frozenset({"t1"})) == frozenset({"t1"})
     with pytest.raises(ValueError, match="t2"):
         narrow_threads(frozenset({"t1"}), frozenset({"t1", "t2"}))
     with pytest.raises(ValueError, match="every thread"):

@@ -178,7 +178,7 @@ def test_metadata_with_non_string_nested_key_is_refused() -> None:
 
 def test_metadata_with_non_string_key_is_refused() -> None:
     with pytest.raises(InvalidUserContext, match="metadata keys must be strings"):
-        UserContext(user_id="alice", metadata={1: "x"})
+        UserContext(user_id="alice", metadata={1: "x"})  # type: ignore[dict-item]
 
 
 def test_metadata_must_be_a_mapping() -> None:

@@ -3,6 +3,8 @@ ran, and what the ``events_sent`` statistic counts."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import trio
 
 import agentcast
@@ -64,7 +66,7 @@ async def test_events_sent_counts_events_not_control_frames(
 async def test_known_fields_are_type_checked_so_events_always_fit_the_schema() -> None:
     import pytest
 
-    for event_type, data in [
+    cases: list[tuple[str, dict[str, Any]]] = [
         ("agent_started", {"agent_name": 5}),
         ("agent_thinking", {"text": "x", "progress": 2.0}),
         ("agent_thinking", {"text": "x", "step": True}),
@@ -72,7 +74,8 @@ async def test_known_fields_are_type_checked_so_events_always_fit_the_schema() -
         ("tool_completed", {"tool_name": "t", "result": 1, "duration_ms": -1, "ok": True}),
         ("tool_completed", {"tool_name": "t", "result": 1, "duration_ms": 1, "ok": "yes"}),
         ("agent_error", {"error_type": "E", "message": None}),
-    ]:
+    ]
+    for event_type, data in cases:
         with pytest.raises(agentcast.InvalidEvent, match="must be"):
             AgentEvent(event_type, data)
     assert AgentEvent("custom_event", {"progress": 5}).data == {"progress": 5}

@@ -51,7 +51,11 @@ class Failures:
 
     def watch(self, page: Any) -> Any:
         page.on("requestfailed", lambda r: self.seen.append(f"failed {r.url} {r.failure}"))
-        page.on("response", lambda r: r.status >= 400 and self.seen.append(f"{r.status} {r.url}"))
+        def response(r: Any) -> None:
+            if r.status >= 400:
+                self.seen.append(f"{r.status} {r.url}")
+
+        page.on("response", response)
         page.on("pageerror", lambda e: self.seen.append(f"page error {e}"))
         return page
 

@@ -68,7 +68,7 @@ async def test_embedded_server_streams_a_run_over_a_real_socket() -> None:
                 await ws.send_message(
                     json.dumps({"type": "user_message", "thread_id": "t1", "text": "hi"})
                 )
-                seen = []
+                seen: list[str] = []
                 while not seen or seen[-1] != "agent_completed":
                     seen.append(json.loads(await ws.get_message())["type"])
                 assert seen[0] == "agent_started"

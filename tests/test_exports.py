@@ -103,7 +103,8 @@ def test_event_type_values() -> None:
         "agent_started", "agent_thinking", "tool_executing", "tool_completed",
         "agent_completed", "agent_error", "agent_cancelled",
     } <= values
-    assert agentcast.EventType.AGENT_STARTED == "agent_started"
+    assert agentcast.EventType.AGENT_STARTED.value == "agent_started"
+    assert isinstance(agentcast.EventType.AGENT_STARTED, str)
 
 
 def test_testing_exports_memory_transport() -> None:

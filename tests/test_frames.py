@@ -142,7 +142,8 @@ def test_a_frame_breaking_rfc6455_is_a_protocol_error(bad: bytes, reason: str) -
     scan = scanner()
     assert scan.feed(good + bad + good, 0.0) == good  # nothing from the bad frame on
     assert scan.violation is not None
-    assert scan.violation.close_code == CloseCode.PROTOCOL_ERROR == 1002
+    assert scan.violation.close_code is CloseCode.PROTOCOL_ERROR
+    assert int(scan.violation.close_code) == 1002
     assert reason in scan.violation.reason
 
 

@@ -649,8 +649,8 @@ async def test_a_run_past_max_run_bytes_ends_with_agent_error_run_too_large(
                 config = Config(max_run_bytes=4000)
                 async with RedisPublisher(redis_url(request), config) as pub, pub.run(
                     "alice", "t1", run_id="big"
-                ) as run:
-                    await body(run)
+                ) as publisher_run:
+                    await body(publisher_run)
         assert 5 < published < 20
         with trio.fail_after(STEP):
             frames = await client.receive_until("agent_error")

@@ -207,7 +207,8 @@ async def play(
                     assert game.frames[-2]["type"] == "unsubscribed"
                 check_client_view(game.frames, broker.requests, game.latest)
                 await client_side.aclose()
-                [connection] = session.connections() or [None]
+                connections = session.connections()
+                connection = connections[0] if connections else None
                 if connection is not None:
                     await connection.wait_closed()
             assert session.connections() == []
@@ -276,7 +277,9 @@ async def resume_at_once(ws: WebSocketConnection, since: int, epoch: str) -> lis
     frames: list[dict[str, Any]] = []
     acks = 0
     while acks < 2 or frames[-1]["type"] == "subscribed" or frames[-1]["seq"] != 10:
-        for line in (await ws.get_message()).split("\n"):
+        message = await ws.get_message()
+        assert isinstance(message, str)
+        for line in message.split("\n"):
             frames.append(json.loads(line))
             acks += frames[-1]["type"] == "subscribed"
     return frames

@@ -71,7 +71,7 @@ class TrioShell:
         self.session = manager.get_websocket_manager(UserContext.from_request(user_id="alice"))
 
     def run(self, thread_id: str) -> AbstractAsyncContextManager[AnyRun]:
-        return self.session.run(thread_id, agent_name="worker")  # type: ignore[return-value]
+        return self.session.run(thread_id, agent_name="worker")
 
     async def history(self, thread_id: str) -> list[dict[str, Any]]:
         recovery = await self.manager.broker.recover("alice", thread_id, 0, None)
@@ -86,7 +86,7 @@ class PublisherShell:
         self.url = url
 
     def run(self, thread_id: str) -> AbstractAsyncContextManager[AnyRun]:
-        return self.publisher.run(  # type: ignore[return-value]
+        return self.publisher.run(
             "alice", thread_id, agent_name="worker"
         )
 

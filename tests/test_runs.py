@@ -135,7 +135,8 @@ async def test_an_exception_sends_one_agent_error_and_propagates(
         async with session.run("t1") as run:
             runs.append(run)
             await run.thinking("about to fail")
-            _ = {}["missing-key"]
+            missing: dict[str, int] = {}
+            _ = missing["missing-key"]
         reached_after = True
 
     with pytest.raises(KeyError, match="missing-key"):

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from types import TracebackType
+from typing import Any, Protocol
 
 import attrs
 
@@ -123,17 +124,39 @@ class ToolCall:
     result: Any = None
 
 
+class CancelScopeLike(Protocol):
+    """What the run shell needs of a cancel scope (``trio.CancelScope``, anyio's)."""
+
+    @property
+    def cancelled_caught(self) -> bool: ...
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        traceback: TracebackType | None, /,
+    ) -> bool | None: ...
+
+
 class RunEmitter:
     """The events a run emits, shared by ``Run`` and ``PublisherRun``.
 
-    A subclass provides ``run_id``, ``_ended``, ``_tools_started``, :meth:`_publish` (send one
+    A subclass provides ``run_id``, ``agent_name``, ``result``, ``_ended``, ``_scope``,
+    ``_cancel_reason``, ``_tools_started``, :meth:`_publish` (send one
     event, return its seq) and :meth:`_now` (its event loop's clock, in seconds).
     """
 
     __slots__ = ()  # the attrs subclasses keep their slots
 
     run_id: str
+    agent_name: str
+    #: What ``agent_completed`` carries in ``data.result``.
+    result: Any
     _ended: bool
+    #: The scope the body runs in (trio's or anyio's); ``cancel`` cancels it.
+    _scope: CancelScopeLike
+    #: Why ``cancel`` was called, for ``agent_cancelled``; None if it was not.
+    _cancel_reason: str | None
     #: tool call id -> (tool name, clock reading at its ``tool_executing``), oldest first: the
     #: open calls, for ``tool_completed``'s pairing and duration.
     _tools_started: dict[str, tuple[str, float]]
@@ -143,6 +166,9 @@ class RunEmitter:
 
     def _now(self) -> float:
         raise NotImplementedError
+
+    def _on_ended(self) -> None:
+        """Called once the terminal event was published or given up on (a shell's hook)."""
 
     @property
     def ended(self) -> bool:

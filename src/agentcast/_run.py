@@ -1,24 +1,26 @@
 """Agent runs as trio scopes: ``agent_started`` on entry and exactly one terminal event on exit.
 
-Rules of this module: the trio shell of the run lifecycle. Which terminal event a run sends is
-decided by :func:`~agentcast._lifecycle.decide_terminal` (shared with ``PublisherRun``); this
-module only runs the body in the run's cancel scope and publishes the terminal event in a
-shielded scope bounded by ``Config.terminal_event_timeout``, so even a cancelled run reports
-its end. Exceptions still propagate; a run cancelled through its own scope (``cancel_run``)
-ends the ``async with`` block quietly, like ``trio.move_on_after``.
+Rules of this module: the trio side of a run: its state, trio cancel scope and clock. The
+lifecycle itself (the body in the run's cancel scope, the terminal event that
+:func:`~agentcast._lifecycle.decide_terminal` chooses, published shielded within
+``Config.terminal_event_timeout``, so even a cancelled run reports its end) is the one shell
+shared with ``PublisherRun``, :func:`~agentcast._run_shell.run_lifecycle`. Exceptions still
+propagate; a run cancelled through its own scope (``cancel_run``) ends the ``async with``
+block quietly, like ``trio.move_on_after``.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager as AsyncContextManager
 from typing import Any, final
 
 import attrs
 import trio
 
 from ._events import AgentEvent
-from ._lifecycle import RunEmitter, decide_terminal, elapsed_ms, started_event
+from ._lifecycle import RunEmitter
+from ._run_shell import run_lifecycle
 
 __all__ = ["Run", "run_scope"]
 
@@ -56,6 +58,9 @@ class Run(RunEmitter):
     def _now(self) -> float:
         return trio.current_time()
 
+    def _on_ended(self) -> None:
+        self._done.set()
+
     def cancel(self, reason: str = "cancelled") -> None:
         """Cancel the run; its scope then emits ``agent_cancelled`` with ``reason``."""
         if self._cancel_reason is None:
@@ -67,33 +72,7 @@ class Run(RunEmitter):
         await self._done.wait()
 
 
-@asynccontextmanager
-async def run_scope(
-    run: Run, *, terminal_timeout: float, message_limit: int
-) -> AsyncIterator[Run]:
-    """Emit ``agent_started``, run the body in the run's cancel scope, emit one terminal event."""
-    await run._emit(started_event(run.run_id, run.agent_name))
-    started = trio.current_time()
-    body_error: BaseException | None = None
-    try:
-        with run._scope:
-            yield run
-    except BaseException as exc:
-        body_error = exc
-        raise
-    finally:
-        terminal = decide_terminal(
-            run.run_id, body_error=body_error, cancelled_caught=run._scope.cancelled_caught,
-            cancel_reason=run._cancel_reason, result=run.result,
-            duration_ms=elapsed_ms(started, trio.current_time()), message_limit=message_limit,
-            cancelled_type=trio.Cancelled,
-        )
-        del body_error  # no reference cycle through the traceback
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + terminal_timeout):
-            try:
-                await run._emit(terminal.event)
-            finally:
-                run._ended = True
-                run._done.set()
-    if terminal.raise_after is not None:
-        raise terminal.raise_after
+def run_scope(run: Run, *, terminal_timeout: float, message_limit: int) -> AsyncContextManager[Run]:
+    """Emit ``agent_started``, run the body in the run's cancel scope, emit one terminal event
+    (the shared shell, :func:`~agentcast._run_shell.run_lifecycle`)."""
+    return run_lifecycle(run, terminal_timeout=terminal_timeout, message_limit=message_limit)

@@ -21,11 +21,12 @@ import attrs
 from ._config import Config
 from ._events import AgentEvent
 from ._ids import check_id, new_id
-from ._lifecycle import RunEmitter, decide_terminal, elapsed_ms, started_event
+from ._lifecycle import RunEmitter
 from ._presence import Presence
 from ._redact import redact_url
 from ._redis_pipeline import PublishPipeline
 from ._redis_streams import REDIS_TIMEOUT, StreamOps, redis_client, redis_errors
+from ._run_shell import run_lifecycle
 
 __all__ = ["PublisherRun", "RedisPublisher"]
 
@@ -238,28 +239,7 @@ class RedisPublisher:
         timeout = self.config.terminal_event_timeout if terminal_timeout is None else (
             terminal_timeout
         )
-        await run._emit(started_event(run.run_id, agent_name))
-        started = anyio.current_time()
-        body_error: BaseException | None = None
-        try:
-            with run._scope:
-                yield run
-        except BaseException as exc:
-            body_error = exc
-            raise
-        finally:
-            terminal = decide_terminal(
-                run.run_id, body_error=body_error, cancelled_caught=run._scope.cancelled_caught,
-                cancel_reason=run._cancel_reason, result=run.result,
-                duration_ms=elapsed_ms(started, anyio.current_time()),
-                message_limit=self.config.error_message_limit,
-                cancelled_type=anyio.get_cancelled_exc_class(),
-            )
-            del body_error  # no reference cycle through the traceback
-            with anyio.move_on_after(timeout, shield=True):
-                try:
-                    await run._emit(terminal.event)
-                finally:
-                    run._ended = True
-        if terminal.raise_after is not None:
-            raise terminal.raise_after
+        async with run_lifecycle(
+            run, terminal_timeout=timeout, message_limit=self.config.error_message_limit
+        ):
+            yield run

@@ -14,6 +14,7 @@ from ._endpoint import Authenticate as Authenticate
 from ._endpoint import Endpoint as Endpoint
 from ._endpoint import Lifespan as Lifespan
 from ._endpoint import Refuse as Refuse
+from ._endpoint import Scope as Scope
 from ._endpoint import endpoint as endpoint
 from ._endpoint import lifespan as lifespan
 from ._endpoint import serve_websocket as serve_websocket

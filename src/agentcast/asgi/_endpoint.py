@@ -34,6 +34,7 @@ from .._errors import (
 )
 from .._manager import ConnectionManager, open_manager
 from .._session import MessageHandler
+from ..protocols import batch_for, wrap_transport
 from ._policy import STATE_KEY, choose_subprotocol, needs_trio_message, refusal_events
 from ._transport import ASGIReceive, ASGISend, ASGITransport
 
@@ -50,6 +51,7 @@ __all__ = [
 
 log = logging.getLogger("agentcast.asgi")
 
+#: An ASGI connection scope, as every ASGI server passes it (annotate `authenticate` with it).
 Scope = MutableMapping[str, Any]
 #: ``authenticate(scope) -> UserContext``, sync or async; raise :class:`Refuse` to refuse.
 Authenticate = Callable[[Scope], UserContext | Awaitable[UserContext]]
@@ -257,9 +259,11 @@ async def _serve_trio(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(transport.pump, name="agentcast.asgi.pump")
             try:
+                # agentcast.agui / agentcast.vercel-ai: translated at the edge, as standalone.
                 connection = await session.add_connection(
-                    transport, threads=threads, allowed_threads=allowed_threads, slot=slot,
-                    credentials=credentials,
+                    wrap_transport(transport, subprotocol), threads=threads,
+                    allowed_threads=allowed_threads, slot=slot, credentials=credentials,
+                    batch=batch_for(subprotocol),
                 )
                 await session.hold_connection(connection)
             finally:

@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import orjson
 
-from .._protocol import BATCH_SUBPROTOCOL, PLAIN_SUBPROTOCOL
+from ..protocols import select_subprotocol
 
 __all__ = [
     "DENIAL_EXTENSION",
@@ -38,14 +38,10 @@ POLICY_VIOLATION: Final = 1008
 
 
 def choose_subprotocol(offered: Iterable[str]) -> str | None:
-    """The subprotocol to select from the client's offer, exactly as the standalone server does:
-    ``agentcast.ndjson`` over ``agentcast.v1``; never any other entry (``bearer.<token>``
-    carries a token and must not be echoed)."""
-    entries = {value.strip() for value in offered}
-    for ours in (BATCH_SUBPROTOCOL, PLAIN_SUBPROTOCOL):
-        if ours in entries:
-            return ours
-    return None
+    """The subprotocol to select from the client's offer: the standalone server's rule
+    (:func:`agentcast.protocols.select_subprotocol`, one copy), AG-UI and the Vercel AI SDK's
+    transport included; never the ``bearer.<token>`` entry."""
+    return select_subprotocol(offered)
 
 
 def refusal_events(

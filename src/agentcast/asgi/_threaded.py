@@ -20,7 +20,7 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from types import TracebackType
-from typing import Any, Final, TypeVar, final
+from typing import Any, Final, TypeVar, final, overload
 
 import attrs
 import sniffio
@@ -34,6 +34,7 @@ from .._credentials import Credentials
 from .._errors import ManagerNotRunning, SessionClosed, TooManyConnections
 from .._manager import ConnectionManager, open_manager
 from .._session import MessageHandler
+from ..protocols import batch_for, wrap_transport
 from ._endpoint import (
     AsyncioNotSupported,
     Authenticate,
@@ -294,7 +295,13 @@ class ThreadedManager:
             raise ManagerNotRunning("the agentcast thread is not running; use it as lifespan=")
         return self._loop, self._token, self._nursery
 
-    async def call(self, fn: Callable[..., T | Awaitable[T]], *args: Any) -> T:
+    @overload
+    async def call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T: ...
+
+    @overload
+    async def call(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(manager, *args)`` (sync or async) in the trio thread; return its result.
 
         This is how asyncio code reaches the manager: e.g. ``await bridge.call(start, ctx)``
@@ -302,7 +309,7 @@ class ThreadedManager:
         Cancelling the caller does not cancel ``fn``.
         """
         loop, token, nursery = self._running()
-        future: asyncio.Future[T] = loop.create_future()
+        future: asyncio.Future[Any] = loop.create_future()
 
         def settle(ok: bool, value: Any) -> None:
             if not future.done():
@@ -446,9 +453,12 @@ class ThreadedManager:
             return
         try:
             link.admit(None)
+            # agentcast.agui / agentcast.vercel-ai: translated at the edge, as standalone.
+            subprotocol = link.transport.subprotocol
             connection = await session.add_connection(
-                link.transport, threads=threads, allowed_threads=allowed_threads, slot=slot,
-                credentials=credentials,
+                wrap_transport(link.transport, subprotocol), threads=threads,
+                allowed_threads=allowed_threads, slot=slot, credentials=credentials,
+                batch=batch_for(subprotocol),
             )
             await session.hold_connection(connection)
         finally:

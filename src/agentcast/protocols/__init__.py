@@ -7,8 +7,10 @@ own protocol. :func:`wrap_transport` picks one by the subprotocol the client sel
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Final
 
+from .._protocol import BATCH_SUBPROTOCOL, PLAIN_SUBPROTOCOL
 from .._transport import Transport
 from ._adapter import TranslatingTransport
 from .agui import AGUI_SUBPROTOCOL, AguiTranslator, input_to_native
@@ -19,11 +21,33 @@ __all__ = [
     "SUBPROTOCOLS",
     "VERCEL_SUBPROTOCOL",
     "TranslatingTransport",
+    "batch_for",
+    "select_subprotocol",
     "wrap_transport",
 ]
 
 #: The subprotocols served through a translator, in the server's order of preference.
 SUBPROTOCOLS: Final = (AGUI_SUBPROTOCOL, VERCEL_SUBPROTOCOL)
+
+
+#: Every subprotocol a server selects, in its order of preference: agentcast's own (batched
+#: NDJSON first), then the translated ones.
+SELECTABLE: Final = (BATCH_SUBPROTOCOL, PLAIN_SUBPROTOCOL, *SUBPROTOCOLS)
+
+
+def select_subprotocol(offered: Iterable[str]) -> str | None:
+    """The subprotocol a server (standalone or ASGI) selects from the client's offer: the first
+    of :data:`SELECTABLE` offered, never any other entry (``bearer.<token>`` carries a token
+    and must not be echoed in the response)."""
+    entries = {value.strip() for value in offered}
+    return next((ours for ours in SELECTABLE if ours in entries), None)
+
+
+def batch_for(subprotocol: str | None) -> bool | None:
+    """The connection's ``batch`` option for ``subprotocol``: a translated connection is
+    batched inside (its translator frames what the client receives); None lets agentcast's
+    own subprotocols decide."""
+    return True if subprotocol in SUBPROTOCOLS else None
 
 
 def wrap_transport(transport: Transport, subprotocol: str | None) -> Transport:

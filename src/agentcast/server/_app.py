@@ -28,10 +28,10 @@ from .._context import UserContext
 from .._errors import BrokerUnavailable, InvalidIdentifier, TooManyConnections
 from .._ids import check_id
 from .._manager import ConnectionManager
-from .._protocol import BATCH_SUBPROTOCOL, PLAIN_SUBPROTOCOL, CloseCode
+from .._protocol import CloseCode
 from .._redact import MASK, redact_text
 from .._session import ConnectionSlot
-from ..protocols import SUBPROTOCOLS, wrap_transport
+from ..protocols import batch_for, select_subprotocol, wrap_transport
 from ._admin import admin_refusal
 from ._auth import AuthError, Claims
 from ._client_js import CACHE_CONTROL, client_script, not_modified
@@ -418,10 +418,7 @@ class Server:
         # Only one of ours is ever selected, never the bearer entry (that would echo the
         # token in the response). A browser that offers only bearer.<token> then fails the
         # handshake, so it must offer agentcast.v1 or agentcast.ndjson too.
-        subprotocol = next(
-            (ours for ours in (BATCH_SUBPROTOCOL, PLAIN_SUBPROTOCOL, *SUBPROTOCOLS)
-             if ours in offered), None
-        )
+        subprotocol = select_subprotocol(offered)
         return claims, subprotocol, slot
 
     async def _serve_websocket(
@@ -453,7 +450,7 @@ class Server:
                     wrap_transport(transport, subprotocol), threads=claims.threads,
                     allowed_threads=claims.threads or None, slot=slot,
                     credentials=self.tokens.grant(claims),
-                    batch=True if subprotocol in SUBPROTOCOLS else None,
+                    batch=batch_for(subprotocol),
                 )
             finally:
                 slot.release()
