@@ -63,7 +63,7 @@ async def stored(url: str, user: str, thread: str) -> list[tuple[int, dict[str, 
     """(seq, frame) of every event Redis keeps for (user, thread), oldest first."""
     async with coredis.Redis.from_url(url, decode_responses=True) as client:
         entries = await client.xrange(stream_key(user, thread))
-    return [(int(entry.identifier.split("-")[0]), json.loads(entry.field_values["f"]))
+    return [(int(str(entry.identifier).split("-")[0]), json.loads(entry.field_values["f"]))
             for entry in entries]
 
 
