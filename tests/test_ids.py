@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agentcast import AgentEvent, Config, EventType, InvalidIdentifier, RedisPublisher
 from agentcast._events import encode_envelope
 from agentcast._ids import check_id
-from agentcast._redis_keys import (
+from agentcast.backplane.redis.keys import (
     meta_key,
     parse_thread_message,
     stream_key,

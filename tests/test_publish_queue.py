@@ -15,15 +15,15 @@ from hypothesis import strategies as st
 
 from agentcast import AgentEvent, BrokerUnavailable, EventType, RunTooLarge
 from agentcast._events import encode_envelope
-from agentcast._publish_queue import FailureBook, QueueBudget, group_calls
-from agentcast._redis_keys import (
+from agentcast.backplane.redis.keys import (
     parse_disconnect_message,
     parse_thread_message,
     parse_user_message,
     thread_batch_message,
     user_message,
 )
-from agentcast._redis_pipeline import PublishPipeline, QueuedPublish
+from agentcast.backplane.redis.pipeline import PublishPipeline, QueuedPublish
+from agentcast.backplane.redis.queue import FailureBook, QueueBudget, group_calls
 
 # ---- the bound --------------------------------------------------------------------------
 

@@ -34,8 +34,8 @@ from agentcast import (
     RunTooLarge,
     UserContext,
 )
-from agentcast._publish_queue import QueueBudget
-from agentcast._redis_keys import stream_key
+from agentcast.backplane.redis.keys import stream_key
+from agentcast.backplane.redis.queue import QueueBudget
 
 from .helpers import Client, connect, thinking
 from .redis_server import RedisServer

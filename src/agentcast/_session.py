@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, final
 import attrs
 import trio
 
-from ._broker import Broker
 from ._config import Config
 from ._connection import Connection
 from ._credentials import Credentials
@@ -30,6 +29,7 @@ from ._protocol import BATCH_SUBPROTOCOL, CloseCode, CustomFrame
 from ._run import Run, run_scope
 from ._stats import Counters, SessionStats, count_tasks
 from ._transport import Transport
+from .backplane.protocol import Broker
 
 if TYPE_CHECKING:
     from ._manager import ConnectionManager

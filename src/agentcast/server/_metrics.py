@@ -24,12 +24,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .._broker import Broker, BrokerStats, EventSink
 from .._events import AgentEvent
 from .._history import Recovery
 from .._manager import ConnectionManager
 from .._presence import Presence
-from .._redis_broker import BackplaneStats, RedisBroker
+from ..backplane.protocol import Broker, BrokerStats, EventSink
+from ..backplane.redis.broker import BackplaneStats, RedisBroker
 
 __all__ = ["CONTENT_TYPE", "MeteredBroker", "Metrics"]
 

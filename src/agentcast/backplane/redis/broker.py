@@ -1,7 +1,7 @@
 """RedisBroker: the backplane that lets many processes and machines serve one set of users.
 
 Seqs and history live in Redis (one Lua script assigns the seq, appends to the thread's
-stream and publishes, atomically; see ``_redis_keys``); live fan-out is Redis pub/sub on one
+stream and publishes, atomically; see ``keys``); live fan-out is Redis pub/sub on one
 channel per user, which a node subscribes to only while it holds that user's session.
 
 Rules of this module: the broker task owns one coredis client and one pub/sub connection at a
@@ -19,7 +19,7 @@ time, and every call on them has a deadline (``timeout``). Two kinds of outage:
   ``outage_grace`` seconds the broker is ready again and clients never noticed; past the grace
   it is treated as a lost connection (1012, reconnect).
 
-Presence (see ``_redis_keys``): the node rewrites, every ``PRESENCE_POLL`` seconds, the entries
+Presence (see ``keys``): the node rewrites, every ``PRESENCE_POLL`` seconds, the entries
 of users whose connection count changed here and, every ``PRESENCE_TTL / 3`` seconds, all of
 its entries, so a killed node's entries stop counting within ``PRESENCE_TTL``.
 """
@@ -34,16 +34,16 @@ from typing import TYPE_CHECKING, Final
 import attrs
 import trio
 
-from ._broker import BrokerStats, EventSink
-from ._config import Config
-from ._errors import BrokerUnavailable, TooManyConnections
-from ._events import AgentEvent
-from ._history import Recovery
-from ._ids import new_id
-from ._latency import LatencySnapshot
-from ._presence import Presence
-from ._redact import redact_text, redact_url
-from ._redis_keys import (
+from ..._config import Config
+from ..._errors import BrokerUnavailable, TooManyConnections
+from ..._events import AgentEvent
+from ..._history import Recovery
+from ..._ids import new_id
+from ..._latency import LatencySnapshot
+from ..._presence import Presence
+from ..._redact import redact_text, redact_url
+from ..protocol import BrokerStats, EventSink
+from .keys import (
     ALL_CHANNEL,
     PRESENCE_TTL,
     parse_disconnect_message,
@@ -51,8 +51,8 @@ from ._redis_keys import (
     parse_user_message,
     user_channel,
 )
-from ._redis_pipeline import PublishPipeline
-from ._redis_streams import (
+from .pipeline import PublishPipeline
+from .streams import (
     REDIS_TIMEOUT,
     StreamOps,
     describe,
@@ -522,7 +522,7 @@ class RedisBroker:
         await self._require_ops().publish_disconnect(user_id, code, reason)
 
     async def set_revocation(self, user_id: str, cutoff: float) -> None:
-        """Store the user's revocation cut-off in Redis (see ``_redis_keys``)."""
+        """Store the user's revocation cut-off in Redis (see ``keys``)."""
         await self._require_ops().set_revocation(user_id, cutoff)
 
     async def revocation(self, user_id: str) -> float | None:

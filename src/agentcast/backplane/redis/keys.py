@@ -46,7 +46,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
-from ._events import AgentEvent, encode_envelope
+from ..._events import AgentEvent, encode_envelope
 
 #: Seconds a revocation cut-off key lives: a day more than the longest token lifetime the
 #: server accepts (``server._auth.MAX_TOKEN_LIFETIME``, 8 days), so every token it refuses has

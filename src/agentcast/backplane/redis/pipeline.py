@@ -22,9 +22,9 @@ from typing import Final
 import anyio
 import attrs
 
-from ._errors import AgentcastError, BrokerUnavailable
-from ._latency import DeliveryLatency
-from ._publish_queue import FailureBook, QueueBudget
+from ..._errors import AgentcastError, BrokerUnavailable
+from ..._latency import DeliveryLatency
+from .queue import FailureBook, QueueBudget
 
 __all__ = ["PIPELINE_MAX", "PublishPipeline", "QueuedPublish"]
 

@@ -18,15 +18,15 @@ from typing import Any, final
 import anyio
 import attrs
 
-from ._config import Config
-from ._events import AgentEvent
-from ._ids import check_id, new_id
-from ._lifecycle import RunEmitter
-from ._presence import Presence
-from ._redact import redact_url
-from ._redis_pipeline import PublishPipeline
-from ._redis_streams import REDIS_TIMEOUT, StreamOps, redis_client, redis_errors
-from ._run_shell import run_lifecycle
+from ..._config import Config
+from ..._events import AgentEvent
+from ..._ids import check_id, new_id
+from ..._lifecycle import RunEmitter
+from ..._presence import Presence
+from ..._redact import redact_url
+from ..._run_shell import run_lifecycle
+from .pipeline import PublishPipeline
+from .streams import REDIS_TIMEOUT, StreamOps, redis_client, redis_errors
 
 __all__ = ["PublisherRun", "RedisPublisher"]
 

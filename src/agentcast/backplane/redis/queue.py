@@ -1,7 +1,7 @@
 """The publish queue's decisions: its bound, how a batch becomes script calls, and which
 failure of a queued event is reported to whom.
 
-Rules of this module: pure, no I/O, no trio, no anyio (``_redis_pipeline`` is the async shell
+Rules of this module: pure, no I/O, no trio, no anyio (``pipeline`` is the async shell
 around it, for the trio broker and the anyio publisher alike). A queued event is never lost
 silently: if it fails after its producer moved on, the failure is kept for its thread until
 the next publish of that thread, or a flush, reports it (at most ``MAX_KEPT_FAILURES`` threads'
@@ -17,7 +17,7 @@ from typing import Final, TypeVar
 
 import attrs
 
-from ._errors import AgentcastError
+from ..._errors import AgentcastError
 
 __all__ = [
     "CALL_MAX_BYTES",

@@ -24,14 +24,14 @@ import anyio
 import anyio.abc
 import attrs
 
-from ._config import Config
-from ._errors import BrokerUnavailable, TooManyThreads
-from ._events import TERMINAL_TYPES, AgentEvent, EventType, encode_envelope
-from ._history import Recovery, new_epoch
-from ._latency import DeliveryLatency
-from ._presence import Presence
-from ._publish_queue import group_calls
-from ._redis_keys import (
+from ..._config import Config
+from ..._errors import BrokerUnavailable, TooManyThreads
+from ..._events import TERMINAL_TYPES, AgentEvent, EventType, encode_envelope
+from ..._history import Recovery, new_epoch
+from ..._latency import DeliveryLatency
+from ..._presence import Presence
+from ..._run_history import MAX_TRACKED_RUNS, ActiveRun, compact_frames, run_too_large
+from .keys import (
     ALL_CHANNEL,
     META_GRACE,
     PRESENCE_SCRIPT,
@@ -52,8 +52,8 @@ from ._redis_keys import (
     user_channel,
     user_message,
 )
-from ._redis_pipeline import PublishPipeline, QueuedPublish
-from ._run_history import MAX_TRACKED_RUNS, ActiveRun, compact_frames, run_too_large
+from .pipeline import PublishPipeline, QueuedPublish
+from .queue import group_calls
 
 if TYPE_CHECKING:
     import coredis
