@@ -32,9 +32,9 @@ COLUMNS: dict[str, list[str]] = {
                "flooder_cpu_share", "flood_connections_opened",
                "flood_refused", "flood_close_codes", "losses"],
     "scale-out": ["setup", "connections", "connections_per_worker", "events_per_s",
-                  "server_cpu_us_per_event", "paced_per_s", "p50", "p99", "added_p50",
-                  "added_p99", "closed_by_server", "losses", "duplicates", "order_violations",
-                  "cross_user"],
+                  "server_cpu_us_per_event", "redis_cpu_us_per_event", "paced_per_s", "p50",
+                  "p99", "added_p50", "added_p99", "closed_by_server", "losses", "duplicates",
+                  "order_violations", "cross_user"],
 }
 
 

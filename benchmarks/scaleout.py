@@ -77,8 +77,8 @@ def _free_port() -> int:
 
 
 @asynccontextmanager
-async def running_redis() -> AsyncIterator[str]:
-    """A throwaway redis-server on a free port; yields its URL."""
+async def running_redis() -> AsyncIterator[tuple[str, psutil.Process]]:
+    """A throwaway redis-server on a free port; yields its URL and its process (for its CPU)."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
@@ -90,7 +90,7 @@ async def running_redis() -> AsyncIterator[str]:
         )
         try:
             await _wait_for_redis(port)
-            yield f"redis://127.0.0.1:{port}/0"
+            yield f"redis://127.0.0.1:{port}/0", psutil.Process(proc.pid)
         finally:
             with suppress(ProcessLookupError):
                 proc.terminate()
@@ -131,14 +131,17 @@ async def running_workers(count: int, redis_url: str) -> AsyncIterator[Workers]:
 
 async def _measure(
     server: Any, sizes: Sizes, progress: Progress, label: str, *, tag: str,
-    on_ready: Callable[[], Any] | None = None,
+    on_ready: Callable[[], Any] | None = None, redis: psutil.Process | None = None,
 ) -> dict[str, Any]:
     users, tabs, events = sizes.scale_burst
+    redis_cpu0 = _cpu_of(redis)
     progress(f"scale-out: {label}, burst {users}x{tabs} connections x {events} events")
     burst = await run_load(
         server, users_of(f"sb-{tag}", users), tabs, processes=sizes.loadgen_processes,
         drive={"count": events, "size": EVENT_SIZE, "rate": 0}, on_ready=on_ready,
     )
+    # redis-server's CPU over the whole burst load (connecting, subscribing and publishing).
+    redis_cpu = _cpu_of(redis) - redis_cpu0
     progress(f"scale-out: {label}, latency at {sizes.scale_rate} deliveries/s")
     rate = sizes.scale_rate / (users * tabs)
     paced = await run_load(
@@ -156,6 +159,8 @@ async def _measure(
         "events_per_s": round(delivered / max(burst["wall"], 1e-9)),
         "server_cpu_us_per_event": round(burst["server_cpu"] / delivered * 1e6, 2)
         if delivered else None,
+        "redis_cpu_us_per_event": round(redis_cpu / delivered * 1e6, 2)
+        if redis is not None and delivered else None,
         "burst_p99": burst["latency_ms"]["p99"],
         "paced_per_s": sizes.scale_rate,
         "p50": paced["latency_ms"]["p50"],
@@ -165,16 +170,23 @@ async def _measure(
     }
 
 
+def _cpu_of(process: psutil.Process | None) -> float:
+    if process is None:
+        return 0.0
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
 async def scale_out(peer: Peer, sizes: Sizes, progress: Progress) -> list[dict[str, Any]]:
     """Rows for in-memory (``peer``, already running), Redis with 1 worker, with 2 workers."""
     rows = [await _measure(peer, sizes, progress, "in-memory, 1 process", tag="mem")]
-    async with running_redis() as redis_url:
+    async with running_redis() as (redis_url, redis):
         for count in (1, 2):
             async with running_workers(count, redis_url) as workers:
                 split: list[int] = []
                 row = await _measure(
                     workers, sizes, progress, f"redis, {count} worker{'s' * (count > 1)}",
-                    tag=f"redis{count}",
+                    tag=f"redis{count}", redis=redis,
                     on_ready=lambda workers=workers, split=split: split.extend(workers.split()),
                 )
                 rows.append({**row, "connections_per_worker": split})

@@ -17,9 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from agentcast import AgentEvent, Config, EventType, InvalidIdentifier, RedisPublisher
 from agentcast._events import encode_envelope
 from agentcast._ids import check_id
-from agentcast._redis_keys import (
+from agentcast.backplane.redis.keys import (
     meta_key,
-    parse_user_message,
+    parse_thread_message,
     stream_key,
     thread_message,
     threads_key,
@@ -63,7 +63,7 @@ def test_redis_keys_hash_on_the_whole_user_id_and_messages_round_trip() -> None:
     frame = encode_envelope(AgentEvent(EventType.AGENT_TEXT, {"text": "hi"}),
                             thread_id="t|1", seq=3, ts=1.0)
     assert json.loads(frame)["thread_id"] == "t|1"
-    assert parse_user_message(thread_message("t|1", 3, frame)) == ("t|1", 3, frame)
+    assert parse_thread_message(thread_message("t|1", 3, frame)) == ("t|1", [(3, frame)])
 
 
 def test_tokens_carry_the_id_as_it_is() -> None:

@@ -32,8 +32,8 @@ from agentcast import (
     TooManyConnections,
     UserContext,
 )
-from agentcast._redis_keys import PRESENCE_TTL
-from agentcast._redis_streams import StreamOps
+from agentcast.backplane.redis.keys import PRESENCE_TTL
+from agentcast.backplane.redis.streams import StreamOps
 from agentcast.server import issue_token
 
 from .helpers import connect

@@ -23,7 +23,7 @@ from agentcast import (
     RedisPublisher,
     UserContext,
 )
-from agentcast._redis_streams import StreamOps
+from agentcast.backplane.redis.streams import StreamOps
 
 from .helpers import Client, connect, thinking
 from .redis_server import RedisServer, free_port

@@ -34,7 +34,9 @@ from benchmarks.protocol import (
 
 
 async def handler(session: UserSession, connection: Any, frame: dict[str, Any]) -> None:
-    """Emit a ``bench_burst`` on this user's thread through ``send_to_thread``."""
+    """Emit a ``bench_burst`` on this user's thread through ``queue_to_thread`` (the same call
+    in memory, where it publishes at once, and on Redis, where it does not wait for the seq),
+    then ``flush`` so a failed publish fails the burst instead of passing unseen."""
     thread_id, count, size, rate = parse_burst(frame)
     pad, user = pad_for(size), session.user_id
     schedule, kind = parse_schedule(frame), EventType(event_type_of(frame))
@@ -44,11 +46,12 @@ async def handler(session: UserSession, connection: Any, frame: dict[str, Any]) 
         while n < target:
             n += 1
             ts = time.time()
-            await session.send_to_thread(
+            await session.queue_to_thread(
                 thread_id, AgentEvent(kind, event_data(pad, n, user, ts))
             )
         if n < count:
             await trio.sleep(pause(time.time() - start, n, rate, schedule))
+    await session.flush()
 
 
 def node_options() -> argparse.Namespace:

@@ -3,10 +3,6 @@
 The public surface is this module (plus ``agentcast.testing``); everything else is private.
 """
 
-from ._broker import Broker as Broker
-from ._broker import BrokerStats as BrokerStats
-from ._broker import EventSink as EventSink
-from ._broker import InMemoryBroker as InMemoryBroker
 from ._config import Config as Config
 from ._connection import Connection as Connection
 from ._context import UserContext as UserContext
@@ -36,8 +32,6 @@ from ._presence import Presence as Presence
 from ._protocol import BATCH_SUBPROTOCOL as BATCH_SUBPROTOCOL
 from ._protocol import PLAIN_SUBPROTOCOL as PLAIN_SUBPROTOCOL
 from ._protocol import CloseCode as CloseCode
-from ._redis_broker import BackplaneStats as BackplaneStats
-from ._redis_broker import RedisBroker as RedisBroker
 from ._run import Run as Run
 from ._run_history import ActiveRun as ActiveRun
 from ._session import AgentFunction as AgentFunction
@@ -47,7 +41,13 @@ from ._session import UserSession as UserSession
 from ._stats import ManagerStats as ManagerStats
 from ._stats import SessionStats as SessionStats
 from ._transport import Transport as Transport
-from .publisher import PublisherRun as PublisherRun
-from .publisher import RedisPublisher as RedisPublisher
+from .backplane.memory import InMemoryBroker as InMemoryBroker
+from .backplane.protocol import Broker as Broker
+from .backplane.protocol import BrokerStats as BrokerStats
+from .backplane.protocol import EventSink as EventSink
+from .backplane.redis.broker import BackplaneStats as BackplaneStats
+from .backplane.redis.broker import RedisBroker as RedisBroker
+from .backplane.redis.publisher import PublisherRun as PublisherRun
+from .backplane.redis.publisher import RedisPublisher as RedisPublisher
 
 __version__ = "0.1.0"

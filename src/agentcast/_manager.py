@@ -17,7 +17,6 @@ from typing import final
 import attrs
 import trio
 
-from ._broker import Broker, InMemoryBroker
 from ._config import Config
 from ._context import UserContext
 from ._errors import ManagerNotReady, ManagerNotRunning
@@ -28,6 +27,8 @@ from ._presence import Presence
 from ._protocol import CloseCode
 from ._session import MessageHandler, UserSession
 from ._stats import Counters, ManagerStats, count_tasks
+from .backplane.memory import InMemoryBroker
+from .backplane.protocol import Broker
 
 __all__ = [
     "ConnectionManager",

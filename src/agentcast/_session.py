@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, final
 import attrs
 import trio
 
-from ._broker import Broker
 from ._config import Config
 from ._connection import Connection
 from ._credentials import Credentials
@@ -30,6 +29,7 @@ from ._protocol import BATCH_SUBPROTOCOL, CloseCode, CustomFrame
 from ._run import Run, run_scope
 from ._stats import Counters, SessionStats, count_tasks
 from ._transport import Transport
+from .backplane.protocol import Broker
 
 if TYPE_CHECKING:
     from ._manager import ConnectionManager
@@ -293,10 +293,16 @@ class UserSession:
         """Publish ``event`` on this user's thread; returns its seq.
 
         Never waits for a client: each subscribed connection gets it through its bounded
-        channel. Yields to the scheduler every few publishes so writers can batch.
+        channel. Yields to the scheduler every few publishes so writers can batch. On Redis
+        it waits for the seq (one round trip, shared with every publish made meanwhile);
+        :meth:`queue_to_thread` does not.
 
         Raises:
             InvalidIdentifier: ``thread_id`` is invalid.
+            BrokerUnavailable: Redis is down or did not answer within its timeout; or an
+                earlier queued event of the thread was not stored (this one not published).
+            RunTooLarge: this event, or an earlier queued one of the thread, was refused by
+                ``Config.max_run_bytes``.
         """
         check_id("thread_id", thread_id)
         await self._pace()
@@ -304,6 +310,41 @@ class UserSession:
         self.counters.events_published += 1
         self.totals.events_published += 1
         return seq
+
+    async def queue_to_thread(self, thread_id: str, event: AgentEvent) -> None:
+        """Publish ``event`` on this user's thread without waiting for its seq: returns once
+        it is queued for the broker, in order with every other publish of the thread from
+        this process (a later ``send_to_thread`` of the thread is stored after it).
+
+        In memory it is published at once (nothing is queued). On Redis the node's queue is
+        bounded (``QUEUE_MAX_EVENTS`` events, ``QUEUE_MAX_BYTES`` bytes): when it is full this
+        waits, at most the Redis timeout, then raises ``BrokerUnavailable``. A queued event
+        that then fails (Redis down, ``RunTooLarge``) is raised, as an error of its class
+        naming the thread, by the thread's next ``queue_to_thread``/``send_to_thread`` (which
+        then publishes nothing) or by :meth:`flush`.
+
+        Raises:
+            InvalidIdentifier: ``thread_id`` is invalid.
+            BrokerUnavailable: Redis is down or the queue stayed full; or an earlier queued
+                event of the thread was not stored.
+            RunTooLarge: this event (in memory), or an earlier queued one of the thread, was
+                refused by ``Config.max_run_bytes``.
+        """
+        check_id("thread_id", thread_id)
+        await self._pace()
+        await self._broker.enqueue(self.user_id, thread_id, event)
+        self.counters.events_published += 1
+
+    async def flush(self) -> None:
+        """Wait until every event queued (``queue_to_thread``) before this call is stored;
+        raise the first failure of this user's queued events not yet raised.
+
+        Raises:
+            BrokerUnavailable: a queued event was not stored (Redis down), or Redis stored
+                nothing for twice its timeout.
+            RunTooLarge: a queued event was refused by ``Config.max_run_bytes``.
+        """
+        await self._broker.flush(self.user_id)
 
     async def send_to_user(self, event: AgentEvent) -> None:
         """Send a live-only event (no seq, not replayed) to every connection of this user."""

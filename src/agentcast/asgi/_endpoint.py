@@ -21,7 +21,6 @@ from typing import Any, Final, Protocol, final
 import sniffio
 import trio
 
-from .._broker import Broker
 from .._config import Config
 from .._context import UserContext
 from .._credentials import Credentials
@@ -34,6 +33,7 @@ from .._errors import (
 )
 from .._manager import ConnectionManager, open_manager
 from .._session import MessageHandler
+from ..backplane.protocol import Broker
 from ..protocols import batch_for, wrap_transport
 from ._policy import STATE_KEY, choose_subprotocol, needs_trio_message, refusal_events
 from ._transport import ASGIReceive, ASGISend, ASGITransport

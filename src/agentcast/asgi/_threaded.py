@@ -27,13 +27,13 @@ import sniffio
 import trio
 from trio_websocket import CloseReason, ConnectionClosed
 
-from .._broker import Broker
 from .._config import Config
 from .._context import UserContext
 from .._credentials import Credentials
 from .._errors import ManagerNotRunning, SessionClosed, TooManyConnections
 from .._manager import ConnectionManager, open_manager
 from .._session import MessageHandler
+from ..backplane.protocol import Broker
 from ..protocols import batch_for, wrap_transport
 from ._endpoint import (
     AsyncioNotSupported,

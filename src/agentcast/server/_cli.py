@@ -29,8 +29,8 @@ from .._config import Config
 from .._errors import BrokerUnavailable
 from .._ids import check_id
 from .._protocol import CloseCode
-from .._redis_broker import OUTAGE_GRACE
-from .._redis_streams import REDIS_TIMEOUT, StreamOps, redis_client
+from ..backplane.redis.broker import OUTAGE_GRACE
+from ..backplane.redis.streams import REDIS_TIMEOUT, StreamOps, redis_client
 from ._admin import check_admin_token
 from ._auth import DEFAULT_TTL, check_secret, issue_token
 from ._gc import DEFAULT_GC_THRESHOLD, tune_gc

@@ -24,12 +24,12 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .._broker import Broker, BrokerStats, EventSink
 from .._events import AgentEvent
 from .._history import Recovery
 from .._manager import ConnectionManager
 from .._presence import Presence
-from .._redis_broker import BackplaneStats, RedisBroker
+from ..backplane.protocol import Broker, BrokerStats, EventSink
+from ..backplane.redis.broker import BackplaneStats, RedisBroker
 
 __all__ = ["CONTENT_TYPE", "MeteredBroker", "Metrics"]
 
@@ -52,6 +52,13 @@ class MeteredBroker:
         seq = await self.inner.publish(user_id, thread_id, event)
         self.published[event.type] += 1
         return seq
+
+    async def enqueue(self, user_id: str, thread_id: str, event: AgentEvent) -> None:
+        await self.inner.enqueue(user_id, thread_id, event)
+        self.published[event.type] += 1
+
+    async def flush(self, user_id: str) -> None:
+        await self.inner.flush(user_id)
 
     async def publish_user(self, user_id: str, event: AgentEvent) -> None:
         await self.inner.publish_user(user_id, event)

@@ -16,11 +16,12 @@ from typing import Any, Final
 import attrs
 import trio
 
-from .._broker import Broker, InMemoryBroker
 from .._errors import ClientError
 from .._manager import ConnectionManager, open_manager
-from .._redis_broker import RedisBroker
 from .._session import MessageHandler, UserSession
+from ..backplane.memory import InMemoryBroker
+from ..backplane.protocol import Broker
+from ..backplane.redis.broker import RedisBroker
 from ..demo import simulated_agent
 from ._admin import check_admin_token
 from ._app import Server

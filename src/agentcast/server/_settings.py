@@ -8,8 +8,8 @@ import attrs
 
 from .._config import Config, positive
 from .._redact import redact_url
-from .._redis_broker import OUTAGE_GRACE
-from .._redis_streams import REDIS_TIMEOUT
+from ..backplane.redis.broker import OUTAGE_GRACE
+from ..backplane.redis.streams import REDIS_TIMEOUT
 from ._auth import LEEWAY
 
 __all__ = ["ServerSettings"]

@@ -18,11 +18,11 @@ import attrs
 import trio
 
 from .._errors import BrokerUnavailable, ClientError
-from .._redis_keys import REVOCATION_TTL
+from ..backplane.redis.keys import REVOCATION_TTL
 from ._auth import LEEWAY, AuthError, Claims, is_revoked, verify_token
 
 if TYPE_CHECKING:
-    from .._redis_broker import RedisBroker
+    from ..backplane.redis.broker import RedisBroker
 
 __all__ = [
     "REVOCATION_LOOKUP_TIMEOUT",

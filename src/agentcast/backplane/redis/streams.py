@@ -21,15 +21,17 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
+import anyio.abc
 import attrs
 
-from ._config import Config
-from ._errors import AgentcastError, BrokerUnavailable, TooManyThreads
-from ._events import TERMINAL_TYPES, AgentEvent, EventType, encode_envelope
-from ._history import Recovery, new_epoch
-from ._latency import DeliveryLatency
-from ._presence import Presence
-from ._redis_keys import (
+from ..._config import Config
+from ..._errors import BrokerUnavailable, TooManyThreads
+from ..._events import TERMINAL_TYPES, AgentEvent, EventType, encode_envelope
+from ..._history import Recovery, new_epoch
+from ..._latency import DeliveryLatency
+from ..._presence import Presence
+from ..._run_history import MAX_TRACKED_RUNS, ActiveRun, compact_frames, run_too_large
+from .keys import (
     ALL_CHANNEL,
     META_GRACE,
     PRESENCE_SCRIPT,
@@ -50,7 +52,8 @@ from ._redis_keys import (
     user_channel,
     user_message,
 )
-from ._run_history import MAX_TRACKED_RUNS, ActiveRun, compact_frames, run_too_large
+from .pipeline import PublishPipeline, QueuedPublish
+from .queue import group_calls
 
 if TYPE_CHECKING:
     import coredis
@@ -65,8 +68,6 @@ CONNECT_TIMEOUT: Final = 2.0
 #: before it fails with BrokerUnavailable (``--redis-timeout``): long enough for a loaded
 #: Redis, short enough that a producer never hangs on a frozen one.
 REDIS_TIMEOUT: Final = 2.0
-#: Most publishes sent in one pipeline by :meth:`StreamOps.flush_publishes`.
-PIPELINE_MAX: Final = 256
 #: Most presence entries written at once by :meth:`StreamOps.heartbeat`.
 PRESENCE_BATCH: Final = 256
 #: Most events one recovery reads from a stream (a kept run may pass ``history_size``; its
@@ -83,11 +84,12 @@ def _run_kind(event: AgentEvent) -> int:
     return 2 if event.type in TERMINAL_TYPES else 0
 
 
-def _seq_of(reply: Any, run_id: str | None, cap: int) -> int:
-    seq = int(reply)
-    if seq == REFUSED_TOO_LARGE:
-        raise run_too_large(run_id or "?", cap)
-    return seq
+def _thread_of(entry: QueuedPublish) -> tuple[str, str]:
+    return entry.user_id, entry.thread_id
+
+
+def _size_of(entry: QueuedPublish) -> int:
+    return entry.size
 
 
 # coredis is imported on first use, not with agentcast: it takes most of a second to import
@@ -187,55 +189,43 @@ def redis_errors(what: str, timeout: float | None = None) -> Iterator[None]:
 
 
 @attrs.define(eq=False)
-class _Pending:
-    """One publish waiting for the flusher: its script call, then its seq or its error."""
-
-    keys: list[str]
-    args: list[Any]
-    #: The event's run id, for a ``RunTooLarge`` message.
-    run_id: str | None = None
-    done: anyio.Event = attrs.Factory(anyio.Event)
-    seq: int | None = None
-    error: AgentcastError | None = None
-
-
-@attrs.define(eq=False)
 class StreamOps:
     """The backplane's operations over one connected coredis client.
 
-    While its owner runs :meth:`flush_publishes`, publishes are queued and sent as pipelines
-    (one round trip and far less client CPU for many); otherwise each is its own call. Every
-    call fails with :class:`BrokerUnavailable` after ``timeout`` seconds.
+    Publishes go through ``pipeline`` (owned by the caller, so it outlives one connection),
+    which its owner drains by running :meth:`flush_publishes`: each batch taken from it is one
+    pipeline (one round trip), with the events of one thread in one script call. Every call
+    fails with :class:`BrokerUnavailable` after ``timeout`` seconds.
     """
 
     client: coredis.Redis[str]
     config: Config
     #: Seconds each call may take (``REDIS_TIMEOUT`` by default).
     timeout: float = REDIS_TIMEOUT
-    #: Seconds from a publish being made to its seq coming back (owned by the caller, so it
-    #: outlives one connection).
-    publish_latency: DeliveryLatency = attrs.Factory(DeliveryLatency)
+    #: The queue publishes wait in (owned by the caller, so it outlives one connection).
+    pipeline: PublishPipeline = attrs.Factory(PublishPipeline)
     #: Where the flusher's pipelines go (default: ``client``); a client of their own keeps
     #: ``client``'s pool from opening a connection for each call made while one is in flight.
     pipeline_client: coredis.Redis[str] | None = None
     _publish: Any = None
     _recover: Any = None
     _presence: Any = None
-    _queue: list[_Pending] = attrs.Factory(list)
-    #: Publishes in the pipeline on the wire now.
-    _in_flight: int = 0
-    #: Set to wake the flusher; None while no flusher runs (publishes go one by one).
-    _wakeup: anyio.Event | None = None
 
     def __attrs_post_init__(self) -> None:
+        self.pipeline.timeout = self.timeout
         self._publish = self.client.register_script(PUBLISH_SCRIPT)
         self._recover = self.client.register_script(RECOVER_SCRIPT)
         self._presence = self.client.register_script(PRESENCE_SCRIPT)
 
     @property
+    def publish_latency(self) -> DeliveryLatency:
+        """Seconds from a publish being made to Redis storing it."""
+        return self.pipeline.latency
+
+    @property
     def pipeline_depth(self) -> int:
         """Publishes queued for the flusher or in its pipeline now."""
-        return len(self._queue) + self._in_flight
+        return self.pipeline.depth
 
     async def load_scripts(self) -> None:
         """Load every script into Redis's cache, so the first call of each is an EVALSHA that
@@ -256,40 +246,34 @@ class StreamOps:
     def _ttl(self) -> int:
         return max(1, int(self.config.history_ttl))
 
+    def _entry(
+        self, user_id: str, thread_id: str, event: AgentEvent, done: anyio.Event | None
+    ) -> QueuedPublish:
+        prefix, suffix = split_envelope(event, thread_id, time.time())
+        return QueuedPublish(
+            user_id, thread_id, prefix, suffix, event.run_id, _run_kind(event), done
+        )
+
     async def publish(self, user_id: str, thread_id: str, event: AgentEvent) -> int:
-        """Assign the next seq, append to the thread's stream and publish, in one script call.
+        """Queue the event behind every publish made before it and wait for its seq (assigned
+        in Redis); the whole wait is at most ``timeout``.
 
         Raises:
-            BrokerUnavailable: the call failed because Redis is unreachable.
+            BrokerUnavailable: Redis is unreachable, did not answer within ``timeout``, or the
+                queue stayed full; or an earlier queued event of the thread was not stored
+                (that one's error, this event not published).
             RunTooLarge: the event's run would retain more than ``Config.max_run_bytes``
-                (counted in stored frame bytes; nothing was published).
+                (counted in stored frame bytes; nothing was published), or an earlier queued
+                event of the thread was refused so (this event not published).
         """
-        prefix, suffix = split_envelope(event, thread_id, time.time())
-        config = self.config
-        args: list[Any] = [
-            prefix, suffix, config.history_size, self._ttl,
-            new_epoch(), user_channel(user_id), thread_id, self._meta_ttl,
-            event.run_id or "", _run_kind(event), config.max_run_bytes, config.history_bytes,
-        ]
-        keys = [
-            meta_key(user_id, thread_id), stream_key(user_id, thread_id), threads_key(user_id),
-            runs_key(user_id, thread_id), kept_key(user_id, thread_id),
-            runinfo_key(user_id, thread_id),
-        ]
-        started = time.perf_counter()
-        if self._wakeup is None:
-            with redis_errors("publish", self.timeout):
-                reply = await self._publish(keys=keys, args=args)
-            self.publish_latency.observe(time.perf_counter() - started)
-            return _seq_of(reply, event.run_id, config.max_run_bytes)
-        pending = _Pending(keys, args, event.run_id)
-        self._queue.append(pending)
-        self._wakeup.set()
-        with anyio.move_on_after(self.timeout):
-            await pending.done.wait()
-        if not pending.done.is_set():
-            if pending in self._queue:
-                self._queue.remove(pending)
+        done = anyio.Event()
+        entry = self._entry(user_id, thread_id, event, done)
+        deadline = anyio.current_time() + self.timeout
+        await self.pipeline.put(entry)
+        with anyio.move_on_after(deadline - anyio.current_time()):
+            await done.wait()
+        if not done.is_set():
+            if self.pipeline.withdraw(entry):
                 raise BrokerUnavailable(
                     f"publish failed: Redis did not answer within {self.timeout:g} s; the event "
                     "was not sent"
@@ -298,83 +282,123 @@ class StreamOps:
                 f"publish failed: Redis did not answer within {self.timeout:g} s; the event was "
                 "sent and may still be stored (resume with since_seq to find out)"
             )
-        if pending.error is not None:
-            raise pending.error
-        assert pending.seq is not None
-        self.publish_latency.observe(time.perf_counter() - started)
-        return pending.seq
+        if entry.error is not None:
+            raise entry.error
+        assert entry.seq is not None
+        return entry.seq
 
-    async def flush_publishes(self) -> None:
-        """Send queued publishes as pipelines, in queue order, until cancelled.
+    async def enqueue(self, user_id: str, thread_id: str, event: AgentEvent) -> None:
+        """Queue the event behind every publish made before it and return: it is stored (its
+        seq assigned in Redis) in that order. Waits only for room in the queue, at most
+        ``timeout``. A failure of the event later is raised by the thread's next publish or
+        by :meth:`flush`.
 
-        Each thread's publishes are queued in the order they were made and batches go one
-        after another, so seqs stay in publish order. Publishes made while a pipeline is in
-        flight form the next batch, so batches grow with the load. On exit, whatever was
-        still queued or in flight fails with :class:`BrokerUnavailable`.
+        Raises:
+            BrokerUnavailable: not connected, the queue stayed full for ``timeout``, or an
+                earlier queued event of the thread was not stored (this one was not queued).
+            RunTooLarge: an earlier queued event of the thread was refused by
+                ``Config.max_run_bytes`` (this one was not queued).
         """
-        self._wakeup = anyio.Event()
+        await self.pipeline.put(self._entry(user_id, thread_id, event, None))
+
+    async def flush(self, user_id: str | None = None) -> None:
+        """Wait until every event queued before this call is stored or has failed; raise the
+        oldest unreported failure of ``user_id``'s threads (any thread's for None).
+
+        Raises:
+            BrokerUnavailable: Redis stored nothing for twice ``timeout`` (a batch's deadline
+                and as much again), or that failure.
+            RunTooLarge: that failure.
+        """
+        await self.pipeline.wait_flushed(user_id)
+
+    async def flush_publishes(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Send queued publishes as pipelines, in queue order, until cancelled; reports
+        started once publishes are admitted.
+
+        Batches go one after another, so each thread's seqs stay in publish order; publishes
+        made while a pipeline is in flight form the next batch, so batches grow with the
+        load. After a batch Redis did not answer, everything queued behind it fails at once.
+        On exit, whatever was still queued or in flight fails with BrokerUnavailable.
+        """
+        pipeline = self.pipeline
+        pipeline.open()
         try:
+            task_status.started()
             # The script is in Redis's cache already (load_scripts, before the owner is ready);
             # if it goes missing, _send loads it again.
             while True:
-                if not self._queue:
-                    self._wakeup = anyio.Event()
-                    await self._wakeup.wait()
-                    continue
-                batch = self._queue[:PIPELINE_MAX]
-                del self._queue[:PIPELINE_MAX]
-                self._in_flight = len(batch)
+                batch = await pipeline.take()
+                error: BrokerUnavailable | None = None
                 try:
-                    await self._send(batch)
+                    error = await self._send(batch)
                 finally:
-                    self._in_flight = 0
+                    pipeline.finish(batch, error)
+                if error is not None:
+                    pipeline.fail_queued(BrokerUnavailable(
+                        f"publish failed: not sent, queued behind a batch that failed ({error})"
+                    ))
         finally:
-            self._wakeup = None
-            lost = BrokerUnavailable("publish failed: the Redis connection was lost")
-            for pending in self._queue:
-                pending.error = lost
-                pending.done.set()
-            self._queue.clear()
+            pipeline.close(BrokerUnavailable("publish failed: the Redis connection was lost"))
 
-    async def _send(self, batch: list[_Pending]) -> None:
-        """One pipeline of script calls; every entry ends with its seq or an error, whatever
-        happens (a failed batch must not take the broker down with it)."""
-        try:
-            for attempt in range(2):
-                try:
-                    # A frozen Redis must not hold the batch (and the publishes behind it).
-                    with anyio.fail_after(self.timeout):
-                        if attempt:
-                            # Redis lost its script cache (SCRIPT FLUSH): load it, resend once.
-                            await self.client.script_load(PUBLISH_SCRIPT)
-                        await self._pipeline(batch)
-                    return
-                except Exception as exc:  # noqa: BLE001 - each caller gets it as its error
-                    leaf = first_leaf(exc)
-                    if attempt == 0 and _no_script(leaf):
-                        continue
-                    error = BrokerUnavailable(f"publish failed: {describe(leaf, self.timeout)}")
-                    for pending in batch:
-                        pending.error = error
-                    return
-        finally:
-            for pending in batch:
-                if pending.seq is None and pending.error is None:
-                    pending.error = BrokerUnavailable(
-                        "publish failed: the Redis connection was lost"
-                    )
-                pending.done.set()
+    async def _send(self, batch: list[QueuedPublish]) -> BrokerUnavailable | None:
+        """One pipeline of script calls, one per thread of the batch; returns the error of a
+        failed batch (each entry gets its seq or its own error otherwise)."""
+        calls = group_calls(batch, key=_thread_of, size=_size_of)
+        for attempt in range(2):
+            try:
+                # A frozen Redis must not hold the batch (and the publishes behind it).
+                with anyio.fail_after(self.timeout):
+                    if attempt:
+                        # Redis lost its script cache (SCRIPT FLUSH): load it, resend once.
+                        await self.client.script_load(PUBLISH_SCRIPT)
+                    await self._pipeline(calls)
+                return None
+            except Exception as exc:  # noqa: BLE001 - each publish gets it as its error
+                leaf = first_leaf(exc)
+                if attempt == 0 and _no_script(leaf):
+                    continue
+                return BrokerUnavailable(
+                    f"publish failed: {describe(leaf, self.timeout)}; it was sent and may "
+                    "still be stored (resume with since_seq to find out)"
+                )
+        return None  # not reached: the second attempt returns or fails
 
-    async def _pipeline(self, batch: list[_Pending]) -> None:
+    def _call(self, call: list[QueuedPublish]) -> tuple[list[str], list[Any]]:
+        first, config = call[0], self.config
+        user_id, thread_id = first.user_id, first.thread_id
+        keys = [
+            meta_key(user_id, thread_id), stream_key(user_id, thread_id), threads_key(user_id),
+            runs_key(user_id, thread_id), kept_key(user_id, thread_id),
+            runinfo_key(user_id, thread_id),
+        ]
+        args: list[Any] = [
+            config.history_size, self._ttl, new_epoch(), user_channel(user_id), thread_id,
+            self._meta_ttl, config.max_run_bytes, config.history_bytes,
+        ]
+        for entry in call:
+            args += (entry.prefix, entry.suffix, entry.run_id or "", entry.kind)
+        return keys, args
+
+    async def _pipeline(self, calls: list[list[QueuedPublish]]) -> None:
         sha = self._publish.sha
         async with (self.pipeline_client or self.client).pipeline(transaction=False) as pipe:
-            replies = [pipe.evalsha(sha, keys=p.keys, args=p.args) for p in batch]
+            replies = []
+            for call in calls:
+                keys, args = self._call(call)
+                replies.append(pipe.evalsha(sha, keys=keys, args=args))
         cap = self.config.max_run_bytes
-        for pending, reply in zip(batch, replies, strict=True):
-            try:
-                pending.seq = _seq_of(await reply, pending.run_id, cap)
-            except AgentcastError as exc:  # RunTooLarge: that publish's own answer
-                pending.error = exc
+        for call, reply in zip(calls, replies, strict=True):
+            seqs = await reply
+            if not isinstance(seqs, list):
+                raise TypeError(f"the publish script answered {seqs!r}, not a list of seqs")
+            for entry, seq in zip(call, seqs, strict=True):
+                if int(seq) == REFUSED_TOO_LARGE:  # that publish's own answer
+                    entry.error = run_too_large(entry.run_id or "?", cap)
+                else:
+                    entry.seq = int(seq)
 
     async def publish_user(self, user_id: str, event: AgentEvent) -> None:
         """Publish a live-only event on the user's channel."""

@@ -27,17 +27,26 @@ Layout, for user ``u`` and thread ``t``:
   hash drops expired entries.
 - ``agentcast:all``              pub/sub channel every node subscribes to (broadcasts)
 
-Channel messages: ``t <thread_id> <seq> <frame>`` for a thread event, ``u <frame>`` for a
-live-only user event, ``x <code> <reason>`` to close every connection of the user (revocation:
-only nodes holding the user subscribe to its channel, and only they have connections to
-close); on ``agentcast:all`` the message is the frame itself.
+Channel messages on ``agentcast:{u}:live``:
+
+- ``b <thread_id>`` then, for each event of one publish call in seq order, a newline and
+  ``<seq> <frame>``: the thread events one ``PUBLISH_SCRIPT`` call stored (one or many; frames
+  are single-line JSON, so a newline never occurs inside one). A node hands all of them to its
+  connections at once, so a writer wakes with the whole batch queued.
+- ``t <thread_id> <seq> <frame>``: one thread event (the form before batches; still read).
+- ``u <frame>``: a live-only user event.
+- ``x <code> <reason>``: close every connection of the user (revocation: only nodes holding
+  the user subscribe to its channel, and only they have connections to close).
+
+On ``agentcast:all`` the message is the frame itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
-from ._events import AgentEvent, encode_envelope
+from ..._events import AgentEvent, encode_envelope
 
 #: Seconds a revocation cut-off key lives: a day more than the longest token lifetime the
 #: server accepts (``server._auth.MAX_TOKEN_LIFETIME``, 8 days), so every token it refuses has
@@ -52,16 +61,20 @@ __all__ = [
     "revocation_key",
     "PRESENCE_SCRIPT",
     "PRESENCE_TTL",
+    "PUBLISH_COMMON_ARGS",
+    "PUBLISH_EVENT_ARGS",
     "PUBLISH_SCRIPT",
     "RECOVER_SCRIPT",
     "kept_key",
     "meta_key",
+    "parse_thread_message",
     "parse_user_message",
     "presence_key",
     "runinfo_key",
     "runs_key",
     "split_envelope",
     "stream_key",
+    "thread_batch_message",
     "thread_message",
     "threads_key",
     "user_channel",
@@ -74,95 +87,121 @@ ALL_CHANNEL: Final = "agentcast:all"
 #: subscriber idle for longer than ``history_ttl`` must not see its stream restart at seq 1.
 META_GRACE: Final = 86400
 
-#: KEYS: meta, events, threads, runs, kept, runinfo. ARGV: prefix, suffix, maxlen, ttl
-#: seconds, candidate epoch, channel, thread id, meta ttl seconds, run id ('' for none), kind
-#: (0 other, 1 agent_started, 2 terminal), max run bytes, max thread bytes. Refuses (returns
-#: -2, no seq assigned) a non-terminal event of a tracked run that would pass max run bytes,
-#: and every later one of that run. Otherwise creates the epoch if missing, assigns the next
-#: seq, builds the frame (prefix .. seq .. suffix), appends it, tracks its run, drops the
-#: oldest entries while over maxlen entries or max thread bytes but never from the first seq
-#: of a kept run (active and heard from within ttl, or ended within ttl) on, records the
-#: thread's use, refreshes the TTLs and publishes it on the user's channel, atomically.
-#: Returns the seq. A terminal event is never refused (a run must be able to end).
+#: ARGV entries before the first event of a :data:`PUBLISH_SCRIPT` call.
+PUBLISH_COMMON_ARGS: Final = 8
+#: ARGV entries per event of a :data:`PUBLISH_SCRIPT` call.
+PUBLISH_EVENT_ARGS: Final = 4
+
+#: One call publishes a batch of events of one thread (one event is a batch of one).
+#: KEYS: meta, events, threads, runs, kept, runinfo. ARGV: maxlen, ttl seconds, candidate
+#: epoch, channel, thread id, meta ttl seconds, max run bytes, max thread bytes, then per event
+#: (in publish order): prefix, suffix, run id ('' for none), kind (0 other, 1 agent_started,
+#: 2 terminal). For each event in turn, exactly the rules one call per event would apply:
+#: refuses (seq -2, none assigned) a non-terminal event of a tracked run that would pass max
+#: run bytes, and every later one of that run; otherwise creates the epoch if missing, assigns
+#: the next seq, builds the frame (prefix .. seq .. suffix), appends it, tracks its run, drops
+#: the oldest entries while over maxlen entries or max thread bytes but never from the first
+#: seq of a kept run (active and heard from within ttl, or ended within ttl) on. Then, once:
+#: records the thread's use, refreshes the TTLs and publishes every stored event as ONE
+#: message on the user's channel (``thread_batch_message``), atomically. Returns the seqs, one
+#: per event, -2 for a refused one. A terminal event is never refused (a run must be able to
+#: end).
 PUBLISH_SCRIPT: Final = """
-local run, kind = ARGV[9], tonumber(ARGV[10])
+local maxlen, ttl, metattl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[6]
+local cap, maxbytes = tonumber(ARGV[7]), tonumber(ARGV[8])
 local now = tonumber(redis.call('TIME')[1])
-if run ~= '' and kind == 0 then
-  if redis.call('HEXISTS', KEYS[6], 'x:' .. run) == 1 then return -2 end
-  local used = redis.call('HGET', KEYS[6], 'b:' .. run)
-  if used then
-    local nxt = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') + 1
-    if tonumber(used) + #ARGV[1] + #tostring(nxt) + #ARGV[2] > tonumber(ARGV[11]) then
-      redis.call('HSET', KEYS[6], 'x:' .. run, 1)
-      return -2
+local horizon = now - ttl
+local seqs, parts = {}, {'b ' .. ARGV[5]}
+for base = 9, #ARGV, 4 do
+  local prefix, suffix = ARGV[base], ARGV[base + 1]
+  local run, kind = ARGV[base + 2], tonumber(ARGV[base + 3])
+  local refused = false
+  if run ~= '' and kind == 0 then
+    if redis.call('HEXISTS', KEYS[6], 'x:' .. run) == 1 then
+      refused = true
+    else
+      local used = redis.call('HGET', KEYS[6], 'b:' .. run)
+      if used then
+        local nxt = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') + 1
+        if tonumber(used) + #prefix + #tostring(nxt) + #suffix > cap then
+          redis.call('HSET', KEYS[6], 'x:' .. run, 1)
+          refused = true
+        end
+      end
     end
   end
-end
-if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[5]) == 1 then
-  redis.call('HSET', KEYS[1], 'seq', 0)
-end
-redis.call('ZADD', KEYS[3], now, ARGV[7])
-redis.call('EXPIRE', KEYS[3], ARGV[8])
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-local frame = ARGV[1] .. seq .. ARGV[2]
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  redis.call('HSET', KEYS[1], 'bytes', 0)
-end
-redis.call('XADD', KEYS[2], seq .. '-0', 'f', frame)
-local bytes = redis.call('HINCRBY', KEYS[1], 'bytes', #frame)
-if run ~= '' and (kind == 1 or redis.call('HEXISTS', KEYS[6], 'b:' .. run) == 1) then
-  if kind == 1 then
-    redis.call('ZADD', KEYS[4], seq, run)
-  end
-  redis.call('HINCRBY', KEYS[6], 'b:' .. run, #frame)
-  redis.call('HSET', KEYS[6], 'l:' .. run, now)
-  if kind == 2 then
-    local first = redis.call('ZSCORE', KEYS[4], run)
-    if first then
-      redis.call('ZREM', KEYS[4], run)
-      redis.call('ZADD', KEYS[5], first, run)
-      redis.call('HSET', KEYS[6], 'e:' .. run, now)
+  if refused then
+    seqs[#seqs + 1] = -2
+  else
+    if redis.call('HSETNX', KEYS[1], 'epoch', ARGV[3]) == 1 then
+      redis.call('HSET', KEYS[1], 'seq', 0)
     end
+    local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+    local frame = prefix .. seq .. suffix
+    if redis.call('EXISTS', KEYS[2]) == 0 then
+      redis.call('HSET', KEYS[1], 'bytes', 0)
+    end
+    redis.call('XADD', KEYS[2], seq .. '-0', 'f', frame)
+    local bytes = redis.call('HINCRBY', KEYS[1], 'bytes', #frame)
+    if run ~= '' and (kind == 1 or redis.call('HEXISTS', KEYS[6], 'b:' .. run) == 1) then
+      if kind == 1 then
+        redis.call('ZADD', KEYS[4], seq, run)
+      end
+      redis.call('HINCRBY', KEYS[6], 'b:' .. run, #frame)
+      redis.call('HSET', KEYS[6], 'l:' .. run, now)
+      if kind == 2 then
+        local first = redis.call('ZSCORE', KEYS[4], run)
+        if first then
+          redis.call('ZREM', KEYS[4], run)
+          redis.call('ZADD', KEYS[5], first, run)
+          redis.call('HSET', KEYS[6], 'e:' .. run, now)
+        end
+      end
+    end
+    local floor = seq + 1
+    while true do
+      local m = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+      if #m == 0 then break end
+      if tonumber(redis.call('HGET', KEYS[6], 'l:' .. m[1]) or '0') >= horizon then
+        floor = math.min(floor, tonumber(m[2]))
+        break
+      end
+      redis.call('ZREM', KEYS[4], m[1])
+      redis.call('HDEL', KEYS[6], 'b:' .. m[1], 'l:' .. m[1], 'x:' .. m[1])
+    end
+    while true do
+      local m = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
+      if #m == 0 then break end
+      if tonumber(redis.call('HGET', KEYS[6], 'e:' .. m[1]) or '0') >= horizon then
+        floor = math.min(floor, tonumber(m[2]))
+        break
+      end
+      redis.call('ZREM', KEYS[5], m[1])
+      redis.call('HDEL', KEYS[6], 'b:' .. m[1], 'l:' .. m[1], 'x:' .. m[1], 'e:' .. m[1])
+    end
+    while bytes > maxbytes or redis.call('XLEN', KEYS[2]) > maxlen do
+      local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+      if #oldest == 0 then break end
+      local id = oldest[1][1]
+      if tonumber(string.match(id, '^%d+')) >= floor then break end
+      redis.call('XDEL', KEYS[2], id)
+      bytes = redis.call('HINCRBY', KEYS[1], 'bytes', -#oldest[1][2][2])
+    end
+    seqs[#seqs + 1] = seq
+    parts[#parts + 1] = seq .. ' ' .. frame
   end
 end
-local floor = seq + 1
-local horizon = now - tonumber(ARGV[4])
-while true do
-  local m = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
-  if #m == 0 then break end
-  if tonumber(redis.call('HGET', KEYS[6], 'l:' .. m[1]) or '0') >= horizon then
-    floor = math.min(floor, tonumber(m[2]))
-    break
+if #parts > 1 then
+  redis.call('ZADD', KEYS[3], now, ARGV[5])
+  redis.call('EXPIRE', KEYS[3], metattl)
+  for i = 4, 6 do
+    redis.call('EXPIRE', KEYS[i], ttl)
   end
-  redis.call('ZREM', KEYS[4], m[1])
-  redis.call('HDEL', KEYS[6], 'b:' .. m[1], 'l:' .. m[1], 'x:' .. m[1])
+  redis.call('EXPIRE', KEYS[2], ttl)
+  redis.call('EXPIRE', KEYS[1], metattl)
+  redis.call('PUBLISH', ARGV[4], table.concat(parts, '\\n'))
 end
-while true do
-  local m = redis.call('ZRANGE', KEYS[5], 0, 0, 'WITHSCORES')
-  if #m == 0 then break end
-  if tonumber(redis.call('HGET', KEYS[6], 'e:' .. m[1]) or '0') >= horizon then
-    floor = math.min(floor, tonumber(m[2]))
-    break
-  end
-  redis.call('ZREM', KEYS[5], m[1])
-  redis.call('HDEL', KEYS[6], 'b:' .. m[1], 'l:' .. m[1], 'x:' .. m[1], 'e:' .. m[1])
-end
-local maxlen, maxbytes = tonumber(ARGV[3]), tonumber(ARGV[12])
-while bytes > maxbytes or redis.call('XLEN', KEYS[2]) > maxlen do
-  local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
-  if #oldest == 0 then break end
-  local id = oldest[1][1]
-  if tonumber(string.match(id, '^%d+')) >= floor then break end
-  redis.call('XDEL', KEYS[2], id)
-  bytes = redis.call('HINCRBY', KEYS[1], 'bytes', -#oldest[1][2][2])
-end
-for i = 4, 6 do
-  redis.call('EXPIRE', KEYS[i], ARGV[4])
-end
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('EXPIRE', KEYS[1], ARGV[8])
-redis.call('PUBLISH', ARGV[6], 't ' .. ARGV[7] .. ' ' .. seq .. ' ' .. frame)
-return seq
+return seqs
 """
 
 #: KEYS: meta, events, threads, runs, runinfo. ARGV: candidate epoch, since seq (or -1 for
@@ -345,9 +384,15 @@ def split_envelope(event: AgentEvent, thread_id: str | None, ts: float) -> tuple
     return prefix + '"seq":', suffix
 
 
+def thread_batch_message(thread_id: str, events: Sequence[tuple[int, str]]) -> str:
+    """The channel message of thread events stored by one call, ``(seq, frame)`` in seq order
+    (the script builds the same form)."""
+    return "\n".join([f"b {thread_id}", *(f"{seq} {frame}" for seq, frame in events)])
+
+
 def thread_message(thread_id: str, seq: int, frame: str) -> str:
-    """The channel message of a thread event (the script builds the same form)."""
-    return f"t {thread_id} {seq} {frame}"
+    """The channel message of one thread event (a batch of one)."""
+    return thread_batch_message(thread_id, ((seq, frame),))
 
 
 def user_message(frame: str) -> str:
@@ -355,19 +400,40 @@ def user_message(frame: str) -> str:
     return f"u {frame}"
 
 
-def parse_user_message(message: str) -> tuple[str | None, int | None, str]:
-    """Parse a user-channel message into (thread_id, seq, frame); thread and seq are None for
-    a live-only user event.
+def parse_thread_message(message: str) -> tuple[str, list[tuple[int, str]]] | None:
+    """(thread_id, [(seq, frame), ...]) of a thread message, a batch (``b``) or the one-event
+    form (``t``); None if ``message`` is not a thread message.
 
     Raises:
-        ValueError: the message is not in either form.
+        ValueError: it starts like one but a line is not ``<seq> <frame>``.
     """
-    kind, _, rest = message.partition(" ")
-    if kind == "u":
-        return None, None, rest
-    if kind == "t":
-        thread_id, _, rest = rest.partition(" ")
+    if message.startswith("b "):
+        lines = message.split("\n")
+        thread_id = lines[0][2:]
+        events = []
+        for line in lines[1:]:
+            seq, _, frame = line.partition(" ")
+            if not frame or not seq.isdigit():
+                raise ValueError(f"not an agentcast batch line: {line[:60]!r}")
+            events.append((int(seq), frame))
+        if not thread_id or not events:
+            raise ValueError(f"not an agentcast batch message: {message[:60]!r}")
+        return thread_id, events
+    if message.startswith("t "):
+        thread_id, _, rest = message[2:].partition(" ")
         seq, _, frame = rest.partition(" ")
-        if thread_id and frame:
-            return thread_id, int(seq), frame
+        if not thread_id or not frame or not seq.isdigit():
+            raise ValueError(f"not an agentcast thread message: {message[:60]!r}")
+        return thread_id, [(int(seq), frame)]
+    return None
+
+
+def parse_user_message(message: str) -> str:
+    """The frame of a live-only user message (``u``).
+
+    Raises:
+        ValueError: the message is not one (nor a thread or disconnect message).
+    """
+    if message.startswith("u "):
+        return message[2:]
     raise ValueError(f"not an agentcast channel message: {message[:60]!r}")

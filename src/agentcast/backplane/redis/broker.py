@@ -1,7 +1,7 @@
 """RedisBroker: the backplane that lets many processes and machines serve one set of users.
 
 Seqs and history live in Redis (one Lua script assigns the seq, appends to the thread's
-stream and publishes, atomically; see ``_redis_keys``); live fan-out is Redis pub/sub on one
+stream and publishes, atomically; see ``keys``); live fan-out is Redis pub/sub on one
 channel per user, which a node subscribes to only while it holds that user's session.
 
 Rules of this module: the broker task owns one coredis client and one pub/sub connection at a
@@ -19,7 +19,7 @@ time, and every call on them has a deadline (``timeout``). Two kinds of outage:
   ``outage_grace`` seconds the broker is ready again and clients never noticed; past the grace
   it is treated as a lost connection (1012, reconnect).
 
-Presence (see ``_redis_keys``): the node rewrites, every ``PRESENCE_POLL`` seconds, the entries
+Presence (see ``keys``): the node rewrites, every ``PRESENCE_POLL`` seconds, the entries
 of users whose connection count changed here and, every ``PRESENCE_TTL / 3`` seconds, all of
 its entries, so a killed node's entries stop counting within ``PRESENCE_TTL``.
 """
@@ -34,23 +34,25 @@ from typing import TYPE_CHECKING, Final
 import attrs
 import trio
 
-from ._broker import BrokerStats, EventSink
-from ._config import Config
-from ._errors import BrokerUnavailable, TooManyConnections
-from ._events import AgentEvent
-from ._history import Recovery
-from ._ids import new_id
-from ._latency import DeliveryLatency, LatencySnapshot
-from ._presence import Presence
-from ._redact import redact_text, redact_url
-from ._redis_keys import (
+from ..._config import Config
+from ..._errors import BrokerUnavailable, TooManyConnections
+from ..._events import AgentEvent
+from ..._history import Recovery
+from ..._ids import new_id
+from ..._latency import LatencySnapshot
+from ..._presence import Presence
+from ..._redact import redact_text, redact_url
+from ..protocol import BrokerStats, EventSink
+from .keys import (
     ALL_CHANNEL,
     PRESENCE_TTL,
     parse_disconnect_message,
+    parse_thread_message,
     parse_user_message,
     user_channel,
 )
-from ._redis_streams import (
+from .pipeline import PublishPipeline
+from .streams import (
     REDIS_TIMEOUT,
     StreamOps,
     describe,
@@ -135,7 +137,9 @@ class RedisBroker:
     _stalled_since: float | None = None
     #: user id -> places last written to Redis for this node.
     _written: dict[str, int] = attrs.Factory(dict)
-    _publish_latency: DeliveryLatency = attrs.Factory(DeliveryLatency)
+    #: The publish queue (and its latency figures and unreported failures): it outlives
+    #: each connection, so a failure noticed when one was lost is reported on the next.
+    _pipeline: PublishPipeline = attrs.Factory(PublishPipeline)
     _reconnects: int = 0
     _was_connected: bool = False
     _pubsub_messages: int = 0
@@ -149,6 +153,7 @@ class RedisBroker:
                 f"RedisBroker needs timeout > 0 and outage_grace >= 0, got {self.timeout!r} and "
                 f"{self.outage_grace!r}"
             )
+        self._pipeline.timeout = self.timeout
 
     # ---- lifetime ---------------------------------------------------------------------------
 
@@ -218,7 +223,7 @@ class RedisBroker:
         pipelines = redis_client(self.url, self.timeout)
         async with client, pipelines:
             ops = StreamOps(
-                client, self.config, timeout=self.timeout, publish_latency=self._publish_latency,
+                client, self.config, timeout=self.timeout, pipeline=self._pipeline,
                 pipeline_client=pipelines,
             )
             with trio.fail_after(self.timeout):
@@ -240,7 +245,7 @@ class RedisBroker:
                 async with trio.open_nursery() as tasks:
                     # Publishes from every session go out as pipelines: one round trip and
                     # a fraction of coredis's per-call CPU for all made meanwhile.
-                    tasks.start_soon(ops.flush_publishes, name="agentcast.redis.publisher")
+                    await tasks.start(ops.flush_publishes, name="agentcast.redis.publisher")
                     tasks.start_soon(self._watch_liveness, ops, name="agentcast.redis.liveness")
                     # Redis may have restarted empty: rewrite every entry of this node.
                     self._written.clear()
@@ -347,17 +352,21 @@ class RedisBroker:
                 continue
             user_id = _user_of_channel(channel)
             try:
-                disconnect = parse_disconnect_message(data)
-                if disconnect is not None:
-                    sink.close_user(user_id, *disconnect)
+                batch = parse_thread_message(data)
+                if batch is None:
+                    disconnect = parse_disconnect_message(data)
+                    if disconnect is not None:
+                        sink.close_user(user_id, *disconnect)
+                    else:
+                        sink.deliver_user(user_id, parse_user_message(data))
                     continue
-                thread_id, seq, frame = parse_user_message(data)
             except ValueError:
                 log.warning("ignored a malformed message on %s", channel)
                 continue
-            if thread_id is None or seq is None:
-                sink.deliver_user(user_id, frame)
-            else:
+            # Every event of the batch reaches the connections' channels before any writer
+            # runs, so each writer wakes with the whole batch queued and sends it at once.
+            thread_id, events = batch
+            for seq, frame in events:
                 sink.deliver_thread(user_id, thread_id, seq, frame)
 
     @property
@@ -381,10 +390,9 @@ class RedisBroker:
 
     def backplane_stats(self) -> BackplaneStats:
         """Publish latency, pipeline depth, reconnects and pub/sub traffic so far."""
-        ops = self._ops
         return BackplaneStats(
-            publish_latency=self._publish_latency.snapshot(),
-            pipeline_depth=0 if ops is None else ops.pipeline_depth,
+            publish_latency=self._pipeline.latency.snapshot(),
+            pipeline_depth=self._pipeline.depth,
             reconnects=self._reconnects,
             pubsub_messages=self._pubsub_messages,
             stalls=self._stalls,
@@ -466,12 +474,39 @@ class RedisBroker:
     # ---- publishing -------------------------------------------------------------------------
 
     async def publish(self, user_id: str, thread_id: str, event: AgentEvent) -> int:
-        """Assign the seq, append and publish in one script call; return the seq.
+        """Queue the event for Redis (seq assigned there, in queue order) and wait for its seq.
 
         Raises:
-            BrokerUnavailable: Redis is not connected (or the call failed).
+            BrokerUnavailable: Redis is not connected (or the call failed), or an earlier
+                queued event of the thread was not stored (see ``StreamOps.publish``).
+            RunTooLarge: this event, or an earlier queued one of the thread, was refused by
+                ``Config.max_run_bytes``.
         """
+        self._pipeline.check(user_id, thread_id)
         return await self._require_ops().publish(user_id, thread_id, event)
+
+    async def enqueue(self, user_id: str, thread_id: str, event: AgentEvent) -> None:
+        """Queue the event for Redis behind every publish made before it and return; a later
+        failure is raised by the thread's next publish or by :meth:`flush`.
+
+        Raises:
+            BrokerUnavailable: Redis is not connected, the queue stayed full for ``timeout``,
+                or an earlier queued event of the thread was not stored (this one not queued).
+            RunTooLarge: an earlier queued event of the thread was refused (this one not
+                queued).
+        """
+        self._pipeline.check(user_id, thread_id)
+        await self._require_ops().enqueue(user_id, thread_id, event)
+
+    async def flush(self, user_id: str) -> None:
+        """Wait until every event this node queued before the call is stored or failed; raise
+        the oldest unreported failure of ``user_id``'s threads.
+
+        Raises:
+            BrokerUnavailable: Redis stored nothing for twice ``timeout``, or that failure.
+            RunTooLarge: that failure.
+        """
+        await self._pipeline.wait_flushed(user_id)
 
     async def publish_user(self, user_id: str, event: AgentEvent) -> None:
         """Publish a live-only event on the user's channel (every node holding the user)."""
@@ -487,7 +522,7 @@ class RedisBroker:
         await self._require_ops().publish_disconnect(user_id, code, reason)
 
     async def set_revocation(self, user_id: str, cutoff: float) -> None:
-        """Store the user's revocation cut-off in Redis (see ``_redis_keys``)."""
+        """Store the user's revocation cut-off in Redis (see ``keys``)."""
         await self._require_ops().set_revocation(user_id, cutoff)
 
     async def revocation(self, user_id: str) -> float | None:
