@@ -11,22 +11,27 @@ import trio
 import trio.testing
 
 from agentcast import CloseCode
-from agentcast.server._keepalive import Keepalive
+from agentcast.server._keepalive import Keepalive, Watch
 
 INTERVAL, TIMEOUT = 10.0, 4.0
 
 
 @attrs.define
 class FakeWebSocket:
-    """Answers pings at once, or never once ``silent`` is set; records when it was pinged."""
+    """Answers pings at once (its pong reaches the watch as the reader would pass it), or never
+    once ``silent`` is set; records when it was pinged."""
 
     silent: bool = False
     pinged_at: list[float] = attrs.Factory(list)
+    watch: Watch | None = None
 
-    async def ping(self) -> None:
+    def send_ping(self, payload: bytes) -> bool:
         self.pinged_at.append(trio.current_time())
-        if self.silent:
-            await trio.sleep_forever()
+        if not self.silent and self.watch is not None:
+            self.watch.pong(payload)
+        return False
+
+    async def flush(self) -> None:
         await trio.lowlevel.checkpoint()
 
 
@@ -110,3 +115,85 @@ async def test_connections_added_while_idle_wake_the_keepalive(
     # Each was pinged exactly one interval after it was watched: the queue stays in order.
     gaps = [round(ws.pinged_at[0] - t, 6) for ws, t in zip(sockets, watched_at, strict=True)]
     assert gaps == [INTERVAL] * len(sockets)
+
+
+@attrs.define
+class ScriptedWebSocket:
+    """Pongs with ``payload_of(ping)`` ``delay`` seconds after each ping (None: never); with
+    ``blocked`` its pings wait for :meth:`flush` (a socket that could not take them)."""
+
+    delay: float | None = 0.0
+    wrong_payload: bool = False
+    blocked: bool = False
+    pinged_at: list[float] = attrs.Factory(list)
+    flushed_at: list[float] = attrs.Factory(list)
+    watch: Watch | None = None
+    _pending: list[bytes] = attrs.Factory(list)
+    _pinged: trio.Event = attrs.Factory(trio.Event)
+
+    def send_ping(self, payload: bytes) -> bool:
+        self.pinged_at.append(trio.current_time())
+        self._pending.append(b"\xff" + payload[1:] if self.wrong_payload else payload)
+        self._pinged.set()
+        return self.blocked
+
+    async def flush(self) -> None:
+        await trio.sleep(1.0)  # the socket drains a second later
+        self.flushed_at.append(trio.current_time())
+
+    async def answer(self) -> None:
+        """Play the client: answer each ping after ``delay``, as the reader would pass it."""
+        while True:
+            await self._pinged.wait()
+            self._pinged = trio.Event()
+            if self.delay is not None and self.watch is not None:
+                await trio.sleep(self.delay)
+                self.watch.pong(self._pending.pop(0))
+
+
+async def run_scripted(keepalive: Keepalive, ws: ScriptedWebSocket, seconds: float) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keepalive.run)
+        nursery.start_soon(ws.answer)
+        await trio.sleep(seconds)
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_next_ping_is_one_interval_after_the_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    keepalive = Keepalive(INTERVAL, TIMEOUT)
+    ws, connection = ScriptedWebSocket(delay=3.0), FakeConnection("c-1")
+    start = trio.current_time()
+    keepalive.watch(ws, connection)  # type: ignore[arg-type]
+    await run_scripted(keepalive, ws, 40)
+    # Pinged at 10, answered at ~13 (within the 4 s timeout), pinged again ~10 s later.
+    gaps = [round(b - a, 1) for a, b in zip([start, *ws.pinged_at], ws.pinged_at, strict=False)]
+    assert gaps[0] == INTERVAL
+    assert all(gap == round(INTERVAL + 3.0, 1) for gap in gaps[1:])
+    assert connection.aborted == []
+
+
+async def test_a_pong_with_another_payload_does_not_answer_the_ping(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    keepalive = Keepalive(INTERVAL, TIMEOUT)
+    ws, connection = ScriptedWebSocket(wrong_payload=True), FakeConnection("c-1")
+    keepalive.watch(ws, connection)  # type: ignore[arg-type]
+    await run_scripted(keepalive, ws, 20)
+    assert [(code, reason) for code, reason, _ in connection.aborted] == [
+        (CloseCode.GOING_AWAY, "ping timeout")
+    ]
+    assert keepalive.watched == 0
+
+
+async def test_a_ping_the_socket_could_not_take_is_flushed_by_a_task_within_the_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    keepalive = Keepalive(INTERVAL, TIMEOUT)
+    ws, connection = ScriptedWebSocket(blocked=True), FakeConnection("c-1")
+    keepalive.watch(ws, connection)  # type: ignore[arg-type]
+    await run_scripted(keepalive, ws, 15)
+    assert len(ws.flushed_at) == 1
+    assert ws.flushed_at[0] - ws.pinged_at[0] < TIMEOUT
+    assert connection.aborted == []

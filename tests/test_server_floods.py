@@ -67,9 +67,8 @@ async def bystander(fixture: Fixture) -> AsyncIterator[Bystander]:
 
 def inbound(connection: Connection) -> InboundStatistics:
     """What the server's guard under this connection has read (test-only private access)."""
-    # The server's transport is a WriteThrough over the trio-websocket connection, whose stream
-    # it wrapped (tail-first) around the front's PrefixedStream around the guard.
-    guard = connection.transport.ws._stream.inner.inner  # type: ignore[attr-defined]
+    # The server's transport is its own WebSocket (server/_wsconn.py), reading through a guard.
+    guard = connection.transport.guard  # type: ignore[attr-defined]
     assert isinstance(guard, InboundGuard)
     return guard.statistics()
 

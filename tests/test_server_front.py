@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from agentcast.server._front import HeadError, PrefixedStream, read_request_head, send_response
+from agentcast.server._front import HeadError, read_request_head, send_response
 
 UPGRADE = (
     b"GET /ws?token=abc HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
@@ -63,18 +63,6 @@ async def test_a_silent_client_waits_until_the_callers_deadline(
     with trio.move_on_after(10) as deadline:
         await read_request_head(server, max_bytes=8192)
     assert deadline.cancelled_caught
-
-
-async def test_prefixed_stream_replays_then_reads_on() -> None:
-    server, client = trio.testing.memory_stream_pair()
-    stream = PrefixedStream(server, b"hello ")
-    await client.send_all(b"world")
-    received = b""
-    while len(received) < 11:
-        received += await stream.receive_some(4)
-    assert received == b"hello world"
-    await stream.send_all(b"back")
-    assert await client.receive_some(10) == b"back"
 
 
 async def test_send_response_writes_a_complete_closing_response() -> None:

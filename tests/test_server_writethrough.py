@@ -7,7 +7,7 @@ Each test runs the real server on a loopback port (port 0, every wait bounded by
 a bystander check that another user's stream stays complete and in order. What they show: a
 delivery at low load costs fewer scheduler steps than the queued path (the writer takes none), a
 socket that would block mid-stream falls back to the writer with nothing lost and the order
-kept, a frame the socket took part of is finished before trio-websocket's own frames, a peer
+kept, a frame the socket took part of is finished before the connection's own frames, a peer
 that is gone is closed as before, and bursts still leave in batches.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 from collections.abc import AsyncIterator
 
 import attrs
@@ -27,9 +28,9 @@ from agentcast._connection import Connection
 from agentcast._transport import Written
 from agentcast._writethrough import BATCH_GAP
 from agentcast.server._settings import ServerSettings
-from agentcast.server._wsconn import WriteThrough
+from agentcast.server._wsconn import ServerWebSocket
 
-from .rawws import PONG, TEXT, RawClient
+from .rawws import PING, TEXT, RawClient
 from .serverkit import serving
 from .test_server_faults import SECRET, Bystander, Fixture, read_json, watching
 
@@ -60,7 +61,7 @@ async def bystander(fixture: Fixture) -> AsyncIterator[Bystander]:
 async def subscribed(
     fixture: Fixture, user: str, *, receive_buffer: int | None = None,
     subprotocol: str | None = None,
-) -> tuple[RawClient, Connection, WriteThrough]:
+) -> tuple[RawClient, Connection, ServerWebSocket]:
     """A raw client of ``user`` subscribed to t1, its server connection and transport."""
     client = await RawClient.open(
         fixture.port, fixture.token(user), receive_buffer=receive_buffer, subprotocol=subprotocol
@@ -69,7 +70,7 @@ async def subscribed(
     assert (await fixture.subscribe_raw(client))["type"] == "subscribed"
     connection = await fixture.connection(user)
     transport = connection.transport
-    assert isinstance(transport, WriteThrough)
+    assert isinstance(transport, ServerWebSocket)
     return client, connection, transport
 
 
@@ -139,7 +140,7 @@ async def test_a_socket_that_would_block_falls_back_with_nothing_lost_and_the_or
     count, size = 40, 1500
     with trio.fail_after(10):
         client, connection, transport = await subscribed(fixture, "alice", receive_buffer=4096)
-        transport._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        transport._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         before = transport.written_through
         for _ in range(count):  # the client does not read: its buffers fill
             await fixture.publish("alice", "t1", 1, size=size)
@@ -160,22 +161,25 @@ async def test_a_socket_that_would_block_falls_back_with_nothing_lost_and_the_or
         assert [seq for seq, _ in await read_texts(client, 5)] == list(range(41, 46))
 
 
-async def test_the_rest_of_a_part_written_frame_goes_before_a_frame_of_the_library(
+async def test_the_rest_of_a_part_written_frame_goes_before_the_connections_own_frames(
     fixture: Fixture,
 ) -> None:
     message = json.dumps({"type": "heartbeat", "pad": "y" * 200_000})
     with trio.fail_after(10):
         client, _, transport = await subscribed(fixture, "alice", receive_buffer=4096)
-        transport._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        transport._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         assert transport.send_nowait(message) is Written.PART
         # Until the rest is written nothing else is written through.
         assert transport.send_nowait('{"type":"heartbeat"}') is Written.NONE
+        # A keepalive ping now waits behind the rest (nobody is writing it yet).
+        assert transport.send_ping(b"ping") is True
         async with trio.open_nursery() as nursery:
-            # trio-websocket's own pong takes the send lock before the writer would.
-            nursery.start_soon(transport.ws.pong, b"pp")
-            await trio.testing.wait_all_tasks_blocked()
-            assert await client.read_frame() == (TEXT, message.encode())
-            assert await client.read_frame() == (PONG, b"pp")
+            nursery.start_soon(transport.finish_send)
+            first, second = await client._read_exactly(2)
+            assert (first & 0x0F, second) == (TEXT, 127)
+            (length,) = struct.unpack("!Q", await client._read_exactly(8))
+            assert await client._read_exactly(length) == message.encode()
+            assert await client._read_exactly(6) == bytes((0x80 | PING, 4)) + b"ping"
         await transport.finish_send()  # nothing left: returns at once
         assert transport.send_nowait('{"type":"heartbeat"}') is Written.ALL
         assert await read_json(client) == {"type": "heartbeat"}
@@ -228,11 +232,11 @@ async def test_a_part_written_frame_to_a_client_that_stopped_reading_is_cut_with
 ) -> None:
     with trio.fail_after(10):  # write_timeout is 2 s
         client, connection, transport = await subscribed(fixture, "alice", receive_buffer=4096)
-        transport._socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        transport._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         # One event larger than both buffers, written through in the producer's step: the
         # socket takes part of it, the writer waits to finish it, the client never reads.
         await fixture.publish("alice", "t1", 1, size=300_000)
-        assert transport.partial_writes == 1
+        assert transport.waited_writes == 1
         assert connection._write_started is not None
         await connection.wait_closed()
     assert connection.close_code == 4008

@@ -24,7 +24,7 @@ from agentcast._writethrough import BATCH_GAP, may_write_through
 from agentcast.asgi._threaded import _BridgeTransport
 from agentcast.asgi._transport import ASGITransport
 from agentcast.protocols._adapter import TranslatingTransport
-from agentcast.server._wsconn import WriteThrough
+from agentcast.server._wsconn import ServerWebSocket
 from agentcast.testing import MemoryTransport
 
 from .test_subscriptions import T, check_client_view, frame
@@ -257,7 +257,7 @@ async def test_a_translator_around_a_write_through_transport_does_not_pretend() 
     assert isinstance(server, Transport)
     assert not isinstance(server, WritesThrough)
     assert not isinstance(translated, WritesThrough)
-    assert hasattr(WriteThrough, "send_nowait")
-    assert hasattr(WriteThrough, "finish_send")
+    assert hasattr(ServerWebSocket, "send_nowait")
+    assert hasattr(ServerWebSocket, "finish_send")
     await server.aclose()
     await client.aclose()

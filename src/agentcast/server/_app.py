@@ -1,14 +1,16 @@
 """The server: one handler per TCP connection, HTTP endpoints and the authenticated upgrade.
 
 Every TCP connection gets a bounded head read (``handshake_timeout``, ``max_header_bytes``), then
-either a plain HTTP answer or, for ``GET /ws`` with a valid token and origin, a trio-websocket
-connection served by the user's session. Refusals happen before the upgrade, with an HTTP
-status, so nothing is registered for a refused client. No exception leaves a handler: one
-client's failure never reaches the listener.
+either a plain HTTP answer or, for ``GET /ws`` with a valid token and origin, the server's own
+WebSocket connection (``_wsconn``) served by the user's session. Refusals happen before the
+upgrade, with an HTTP status, so nothing is registered for a refused client. No exception
+leaves a handler: one client's failure never reaches the listener.
 
-What counts as an upgrade is ``_http_rules.decide_upgrade``: exactly what wsproto accepts, so
-trio-websocket never refuses (and then waits on) a head we handed it. Every answer is written
-within ``http_write_timeout``; ``/stats``, ``/config`` and ``/metrics`` need the admin token.
+What counts as an upgrade is ``_http_rules.decide_upgrade`` (a subset of what wsproto's handshake
+accepts); the head is parsed once, by the front, and the ``101`` is built from it. Once a
+WebSocket is open the handler task ends: the connection's own tasks (in the user's session)
+hold it. Every answer is written within ``http_write_timeout``; ``/stats``, ``/config`` and
+``/metrics`` need the admin token.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, Final
 import attrs
 import orjson
 import trio
-from trio_websocket import wrap_server_stream
+from trio_websocket import ConnectionClosed
 
 from .._connection import Connection
 from .._context import UserContext
@@ -36,7 +38,7 @@ from ._admin import admin_refusal
 from ._auth import AuthError, Claims
 from ._client_js import CACHE_CONTROL, client_script, not_modified
 from ._client_js import CONTENT_TYPE as SCRIPT_TYPE
-from ._front import HeadError, PrefixedStream, RequestHead, read_request_head, send_response
+from ._front import HeadError, RequestHead, read_request_head, send_response
 from ._http_rules import ALLOW, LogLimiter, Refusal, Upgrade, decide_upgrade, stats_page
 from ._inbound import InboundGuard
 from ._keepalive import Keepalive
@@ -45,7 +47,7 @@ from ._settings import ServerSettings
 from ._sse import AGUI_CANCEL_PATH, AGUI_PATH, serve_agui
 from ._static import FAVICON_CACHE_CONTROL, FAVICON_PATHS, FAVICON_TYPE, favicon
 from ._tokens import MemoryRevocations, Revocations, TokenVerifier
-from ._wsconn import WriteThrough
+from ._wsconn import ServerWebSocket, take_over
 
 __all__ = ["Server"]
 
@@ -103,7 +105,9 @@ class Server:
         )
 
     async def handle(self, stream: trio.abc.Stream) -> None:
-        """Serve one TCP connection from its first byte to its close."""
+        """Serve one TCP connection from its first byte to its close, or to its upgrade (the
+        WebSocket then owns the socket and this task ends)."""
+        handed_over = False
         try:
             head: RequestHead | None = None
             with trio.move_on_after(self.settings.handshake_timeout):
@@ -131,29 +135,24 @@ class Server:
                 )
             elif isinstance(decision, Upgrade):
                 accepted = await self._authorize(stream, head)
-                with trio.CancelScope() as refused:
-                    # trio-websocket parses the head again: the stream replays its bytes once,
-                    # over a guard that scans the frames that follow (limits below messages);
-                    # should it still refuse the handshake, closing the stream cancels this.
-                    replay = PrefixedStream(
-                        *InboundGuard.under(stream, head.raw, self.settings.core),
-                        on_refused=refused,
-                    )
-                    # Not kept for the connection's lifetime: per idle connection, the parsed
-                    # headers weigh as much as agentcast's own state.
-                    del head
-                    if accepted is not None:
-                        await self._serve_websocket(replay, *accepted)
-                if refused.cancelled_caught:
-                    self.rejections["bad_handshake"] = self.rejections.get("bad_handshake", 0) + 1
-                    self._log_refusal(400, "the WebSocket library refused the handshake")
+                opened = None if accepted is None else await self._open_websocket(
+                    stream, head, *accepted
+                )
+                if opened is not None and accepted is not None:
+                    handed_over = True  # the connection closes the socket from here on
+                    ws, connection = opened
+                    # Fragment floods, control-frame floods and RFC 6455 violations close it.
+                    ws.guard.on_violation(connection.close)
+                    self.keepalive.watch(ws, connection)
+                    await self._recheck_revocation(connection, accepted[0])
             else:
                 await self._http(stream, head)
         except* Exception:
             # One client's failure must never reach the listener and stop the server.
             log.exception("a connection handler failed")
         finally:
-            await trio.aclose_forcefully(stream)
+            if not handed_over:
+                await trio.aclose_forcefully(stream)
 
     def _log_refusal(self, status: int, message: str) -> None:
         """One short line per refused request head, at most REFUSAL_LOG_LIMIT a minute."""
@@ -421,49 +420,53 @@ class Server:
         subprotocol = select_subprotocol(offered)
         return claims, subprotocol, slot
 
-    async def _serve_websocket(
-        self, stream: PrefixedStream, claims: Claims, subprotocol: str | None,
-        slot: ConnectionSlot,
-    ) -> None:
-        session = slot.session
-        async with trio.open_nursery() as nursery:
-            try:
-                # The slot is held across these awaits: bound them, and give it back on any
-                # failure (a handshake that dies half-way, or the library refusing it).
-                ws = None
-                with trio.move_on_after(self.settings.handshake_timeout):
-                    request = await wrap_server_stream(
-                        nursery, stream, max_message_size=self.settings.core.max_message_bytes
+    async def _open_websocket(
+        self, stream: trio.abc.Stream, head: RequestHead, claims: Claims,
+        subprotocol: str | None, slot: ConnectionSlot,
+    ) -> tuple[ServerWebSocket, Connection] | None:
+        """Answer the upgrade and hand the WebSocket to the user's session (whose connection
+        closes the socket from then on); None if the handshake did not finish."""
+        core = self.settings.core
+        # The WebSocket outlives this handler task (which trio's serve_listeners ends by
+        # closing its stream): from here on the socket is ``own``'s, closed below on failure.
+        own = take_over(stream)
+        opened = None
+        try:
+            # The frames that follow go through a guard (limits below messages); any the
+            # client sent with its head are scanned too and handled first.
+            guard, early = InboundGuard.create(head.raw, core)
+            key = head.header("sec-websocket-key") or ""  # decide_upgrade checked there is one
+            # The slot is held across these awaits: bound them, and give it back on any
+            # failure (a handshake that dies half-way).
+            ws = None
+            with trio.move_on_after(self.settings.handshake_timeout):
+                try:
+                    ws = await ServerWebSocket.accept(
+                        own, guard, key, subprotocol=subprotocol,
+                        max_message_bytes=core.max_message_bytes,
+                        write_timeout=core.write_timeout, unread=early,
                     )
-                    ws = await request.accept(subprotocol=subprotocol)
-                    del request
-                if ws is None:
-                    nursery.cancel_scope.cancel()
-                    return
-                # Sends write through to the socket when it can take them (see _wsconn).
-                raw = stream.inner.inner if isinstance(stream.inner, InboundGuard) else stream.inner
-                transport = WriteThrough.wrap(ws, raw)
-                # A token naming threads subscribes to them and confines the client to them.
-                # agentcast.agui / agentcast.vercel-ai: translated at the edge (batched
-                # inside, the translator frames what the client receives).
-                connection = await session.add_connection(
-                    wrap_transport(transport, subprotocol), threads=claims.threads,
-                    allowed_threads=claims.threads or None, slot=slot,
-                    credentials=self.tokens.grant(claims),
-                    batch=batch_for(subprotocol),
-                )
-            finally:
-                slot.release()
-            if isinstance(stream.inner, InboundGuard):
-                # Fragment floods, control-frame floods and RFC 6455 violations close it.
-                stream.inner.on_violation(connection.close)
-            await self._recheck_revocation(connection, claims)
-            watch = self.keepalive.watch(ws, connection)
-            try:
-                await session.hold_connection(connection)
-            finally:
-                self.keepalive.unwatch(watch)
-            nursery.cancel_scope.cancel()
+                except ConnectionClosed:
+                    return None  # the client left before its 101
+            if ws is None:
+                return None  # its 101 could not be written in time
+            # A token naming threads subscribes to them and confines the client to them.
+            # agentcast.agui / agentcast.vercel-ai: translated at the edge (batched
+            # inside, the translator frames what the client receives).
+            connection = await slot.session.add_connection(
+                wrap_transport(ws, subprotocol), threads=claims.threads,
+                allowed_threads=claims.threads or None, slot=slot,
+                credentials=self.tokens.grant(claims),
+                batch=batch_for(subprotocol),
+            )
+            opened = ws, connection
+        finally:
+            slot.release()
+            if opened is None and own.fileno() >= 0:
+                # Nothing else holds the socket yet: close it (waking any waiter first).
+                trio.lowlevel.notify_closing(own)
+                own.close()
+        return opened
 
     async def _recheck_revocation(self, connection: Connection, claims: Claims) -> None:
         """Close a just-registered connection whose user was revoked during its handshake (the

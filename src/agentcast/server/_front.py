@@ -1,9 +1,9 @@
 """The HTTP front: read one request head with h11, answer plain HTTP, hand upgrades onward.
 
-trio-websocket answers a non-upgrade request with 400 before any handler runs, so every TCP
-connection starts here. The head is read under a deadline and a size limit (slowloris, garbage
-and oversized headers end here); an upgrade request is replayed into trio-websocket through
-:class:`PrefixedStream` so its handshake sees the exact bytes the client sent.
+Every TCP connection starts here. The head is read under a deadline and a size limit
+(slowloris, garbage and oversized headers end here) and parsed once: an upgrade is answered
+from this parse (``_wsstate.accept_response``), and bytes the client sent after its head are
+its first WebSocket frames (``RequestHead.raw``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import trio
 from ._http_rules import Upgrade, check_target, decide_upgrade
 from ._settings import HTTP_WRITE_TIMEOUT
 
-__all__ = ["PrefixedStream", "RequestHead", "abort_stream", "read_request_head", "send_response"]
+__all__ = ["RequestHead", "abort_stream", "read_request_head", "send_response"]
 
 #: Bytes read from the socket per call while reading a head.
 READ_CHUNK: Final = 4096
@@ -40,7 +40,7 @@ class RequestHead:
     method: str
     target: str
     headers: tuple[tuple[str, str], ...]
-    #: Every byte read from the socket so far, to replay into the WebSocket handshake.
+    #: Every byte read from the socket so far (after the head: a client's first frames).
     raw: bytes
     #: ``"1.1"`` or ``"1.0"``.
     http_version: str = "1.1"
@@ -183,41 +183,3 @@ async def abort_stream(stream: trio.abc.Stream) -> None:
         with contextlib.suppress(OSError):
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     await trio.aclose_forcefully(stream)
-
-
-@attrs.define(eq=False)
-class PrefixedStream(trio.abc.Stream):
-    """A stream that first returns ``prefix`` (bytes already read), then reads ``inner``.
-
-    ``on_refused`` is cancelled when the stream is closed before a ``101`` answer went out: the
-    WebSocket library refused the handshake itself, and its handshake waiter
-    (``wrap_server_stream``) would otherwise wait forever. The caller runs the handshake inside
-    that scope, so such a refusal ends the connection's task at once.
-    """
-
-    inner: trio.abc.Stream
-    prefix: bytes
-    on_refused: trio.CancelScope | None = None
-    #: True once the handshake's ``101 Switching Protocols`` was written.
-    upgraded: bool = False
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if self.prefix:
-            size = len(self.prefix) if max_bytes is None else max_bytes
-            data, self.prefix = self.prefix[:size], self.prefix[size:]
-            await trio.lowlevel.checkpoint()
-            return data
-        return bytes(await self.inner.receive_some(max_bytes))
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if not self.upgraded and bytes(data[:12]) == b"HTTP/1.1 101":
-            self.upgraded = True
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        if not self.upgraded and self.on_refused is not None:
-            self.on_refused.cancel()
-        await self.inner.aclose()

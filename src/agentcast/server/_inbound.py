@@ -1,8 +1,9 @@
-"""The inbound guard: a thin stream under trio-websocket that limits what a client sends
-below the message level.
+"""The inbound guard: what the server's WebSocket asks before and after each read of a client's
+socket, to limit what the client sends below the message level.
 
-The standalone server owns each client's TCP stream, so it can see every frame header before
-wsproto does. :class:`InboundGuard` wraps the socket stream and feeds each chunk it reads to a
+The standalone server owns each client's TCP socket, so it can see every frame header before
+wsproto does. :class:`InboundGuard` says how much to read and when (:meth:`InboundGuard.
+wait_to_read`) and feeds each chunk read (:meth:`InboundGuard.scan`) to a
 pure :class:`~agentcast._frames.FrameScanner` (RFC 6455 rules, fragments per message, control
 frames per second) and charges it to a byte and a frame :class:`~agentcast._frames.TokenBucket`:
 
@@ -15,7 +16,9 @@ frames per second) and charges it to a byte and a frame :class:`~agentcast._fram
   read nor parsed, so a flood costs no more CPU and TCP backpressure stalls the flooder. The
   close then ends at ``Config.close_timeout``, when the connection's own deadline drops it.
 
-No task is added per connection: the guard runs inside trio-websocket's reader task.
+No task or stream object is added per connection: the guard runs in the task that reads the
+connection (``_wsconn.ServerWebSocket.get_message``, the connection's reader), which does the
+reads itself.
 """
 
 from __future__ import annotations
@@ -37,11 +40,11 @@ from .._frames import (
     TokenBucket,
 )
 
-__all__ = ["InboundGuard", "InboundStatistics"]
+__all__ = ["READ_CHUNK", "InboundGuard", "InboundStatistics"]
 
 log = logging.getLogger("agentcast.server")
 
-#: Bytes read per call when the caller does not say (trio-websocket asks for 4 KiB).
+#: Bytes read per call at most (trio-websocket's default too).
 READ_CHUNK: Final = 4096
 #: Frames one read may hold once a client is over its frame rate: it is then read in small
 #: steps (at most this many frames each, ~1-2 ms of wsproto's time), not one 4 KiB read of
@@ -71,35 +74,32 @@ class InboundStatistics:
 
 
 @attrs.define(eq=False)
-class InboundGuard(trio.abc.Stream):
-    """A client's TCP stream, read through a frame scanner and a byte-rate bucket."""
+class InboundGuard:
+    """One client's frame scanner and byte and frame buckets, consulted around every read."""
 
-    inner: trio.abc.Stream
     scanner: FrameScanner
     _bytes: TokenBucket
     _frames: TokenBucket
     _on_violation: OnViolation | None = None
     _reported: bool = False
-    #: The library has handled everything passed (it asked for more after a violation).
+    #: The reader has handled everything passed (it asked for more after a violation).
     _drained: bool = False
     _received: int = 0
     _passed: int = 0
     _throttled: float = 0.0
 
     @classmethod
-    def under(
-        cls, inner: trio.abc.Stream, raw_head: bytes, config: Config
-    ) -> tuple[InboundGuard, bytes]:
-        """Guard ``inner``; returns the guard and what to replay into the WebSocket library.
+    def create(cls, raw_head: bytes, config: Config) -> tuple[InboundGuard, bytes]:
+        """A guard for one client; returns it and the client's first frame bytes to handle.
 
         ``raw_head`` is every byte read while reading the request head: a client may send its
         first frames in the same segment, so what follows the head goes through the scanner
-        too (and is replayed only as far as the scanner lets it).
+        too (and is handed on only as far as the scanner lets it).
         """
         now = trio.current_time()
         limits = FrameLimits.from_config(config)
         guard = cls(
-            inner, FrameScanner.create(limits, now),
+            FrameScanner.create(limits, now),
             TokenBucket.full(limits.inbound_bytes_per_second, limits.inbound_bytes_burst, now),
             TokenBucket.full(limits.inbound_frames_per_second, limits.inbound_frames_burst, now),
         )
@@ -107,17 +107,12 @@ class InboundGuard(trio.abc.Stream):
         end = len(raw_head) if end < 0 else end + len(HEAD_END)
         early = raw_head[end:]
         if not early:
-            return guard, raw_head
-        guard._received += len(early)
-        guard._bytes.charge(len(early), now)
-        passed = guard.scanner.feed(early, now)
-        guard._frames.charge(guard.scanner.frames, now)
-        guard._passed += len(passed)
-        return guard, raw_head[:end] + passed
+            return guard, b""
+        return guard, guard.scan(early)
 
     def on_violation(self, callback: OnViolation) -> None:
         """Call ``callback(code, reason)`` on the first broken rule (at once if one was and
-        the library has handled everything passed before it)."""
+        the reader has handled everything passed before it)."""
         self._on_violation = callback
         self._report()
 
@@ -135,57 +130,48 @@ class InboundGuard(trio.abc.Stream):
         log.info("closing a connection with %d: %s", violation.close_code, violation.reason)
         self._on_violation(violation.close_code, violation.reason)
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        """The next bytes to pass on; waits first while the client is over its byte or frame
-        rate.
+    async def wait_to_read(self, size: int = READ_CHUNK) -> int:
+        """How many bytes (at most ``size``) to read next; waits first while the client is
+        over its byte or frame rate, and for ever once it broke a rule.
 
         The wait is bounded: each bucket is at most one read in debt (a read of ``size`` bytes
         holds at most ``size / 6`` frames), so it lasts at most that (plus
-        :data:`THROTTLED_READ_FRAMES`) divided by the rate.
+        :data:`THROTTLED_READ_FRAMES`) divided by the rate. Returns at once, without a
+        checkpoint, while the client is within its rates.
         """
-        size = min(max_bytes or READ_CHUNK, self._bytes.capacity)
-        while True:
-            if self.scanner.violation is not None:
-                # The library asks for more, so it has handled every frame passed before the
-                # offending one (trio-websocket answers each ping as it handles it; a close
-                # sent earlier would make the pongs after it raise). Now close, and read
-                # nothing more: the connection's close deadline cancels this wait.
-                self._drained = True
-                self._report()
-                await trio.sleep_forever()
-            read = size
-            # Stale balances (refilling only adds tokens) are enough to take the fast path.
-            frames_short = self._frames.tokens * MIN_FRAME_BYTES < size
-            if self._bytes.tokens <= 0 or frames_short:
-                now = trio.current_time()
-                want = THROTTLED_READ_FRAMES if frames_short else 1.0
-                delay = max(self._bytes.delay(now), self._frames.delay(now, want))
-                if delay:
-                    self._throttled += delay
-                    await trio.sleep(delay)
-                if frames_short:
-                    # Read no more bytes than could hold the frames the bucket has.
-                    tokens = self._frames.available(trio.current_time())
-                    read = min(size, int(max(tokens, want)) * MIN_FRAME_BYTES)
-            data = await self.inner.receive_some(int(read))
-            if not data:
-                return b""
-            now = trio.current_time()
-            self._received += len(data)
-            self._bytes.charge(len(data), now)
-            frames = self.scanner.frames
-            passed = self.scanner.feed(bytes(data), now)
-            self._frames.charge(self.scanner.frames - frames, now)
-            if passed:
-                self._passed += len(passed)
-                return passed
-            # Only part of a frame header so far, or a violation: go round.
+        size = min(size, int(self._bytes.capacity))
+        if self.scanner.violation is not None:
+            # The reader asks for more, so it has handled every frame passed before the
+            # offending one (each ping answered as it was handled; a close sent earlier
+            # would drop the pongs after it). Now close, and read nothing more: the
+            # connection's close deadline cancels this wait.
+            self._drained = True
+            self._report()
+            await trio.sleep_forever()
+        # Stale balances (refilling only adds tokens) are enough to take the fast path.
+        frames_short = self._frames.tokens * MIN_FRAME_BYTES < size
+        if self._bytes.tokens > 0 and not frames_short:
+            return size
+        now = trio.current_time()
+        want = THROTTLED_READ_FRAMES if frames_short else 1.0
+        delay = max(self._bytes.delay(now), self._frames.delay(now, want))
+        if delay:
+            self._throttled += delay
+            await trio.sleep(delay)
+        if not frames_short:
+            return size
+        # Read no more bytes than could hold the frames the bucket has.
+        tokens = self._frames.available(trio.current_time())
+        return min(size, int(max(tokens, want)) * MIN_FRAME_BYTES)
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
+    def scan(self, data: bytes) -> bytes:
+        """Charge and scan what was read; return what to pass on (b"" for part of a frame
+        header, or from the first broken rule on)."""
+        now = trio.current_time()
+        self._received += len(data)
+        self._bytes.charge(len(data), now)
+        frames = self.scanner.frames
+        passed = self.scanner.feed(data, now)
+        self._frames.charge(self.scanner.frames - frames, now)
+        self._passed += len(passed)
+        return passed
