@@ -2,8 +2,9 @@
 processes, against the single in-memory process, under the same loads.
 
 For each setup it runs a ``burst`` (delivered events/s and server CPU per delivered event,
-summed over every worker process) and a paced ``latency`` load well below saturation (p50/p99
-from emit to arrival: the Redis hop is the difference from the in-memory row). With two
+summed over every worker process) and a paced, staggered ``latency`` load well below
+saturation (p50/p99 from emit to arrival: the Redis hop is the difference from the in-memory
+row). With two
 workers sharing the port through SO_REUSEPORT, the kernel spreads connections by their
 address hash, so one user's tabs land on both workers: every event crosses nodes through
 Redis pub/sub, and each user's driving tab sends its burst to whichever worker holds it, so
@@ -27,6 +28,7 @@ import attrs
 import psutil
 
 from benchmarks.procs import Peer, running_peer
+from benchmarks.protocol import stagger
 from benchmarks.scenarios import EVENT_SIZE, Progress, Sizes, run_load, users_of
 
 #: Seconds redis-server may take to accept connections.
@@ -144,10 +146,14 @@ async def _measure(
     redis_cpu = _cpu_of(redis) - redis_cpu0
     progress(f"scale-out: {label}, latency at {sizes.scale_rate} deliveries/s")
     rate = sizes.scale_rate / (users * tabs)
+    # Staggered as in `steady`: each user starts at its own phase of the period, so the paced
+    # load is a smooth stream and its latency is the hop, not the drain of one tick of every
+    # user at once (the lockstep shape the first rows of RESULTS.md were measured with).
+    paced_users = users_of(f"sl-{tag}", users)
     paced = await run_load(
-        server, users_of(f"sl-{tag}", users), tabs, processes=sizes.loadgen_processes,
+        server, paced_users, tabs, processes=sizes.loadgen_processes,
         drive={"count": max(1, int(rate * sizes.scale_seconds)), "size": EVENT_SIZE,
-               "rate": rate},
+               "rate": rate, "phases": stagger(paced_users, rate)},
         deadline=sizes.scale_seconds + 4, quiet=1.5,
     )
     delivered = burst["tally"]["delivered"]
@@ -163,6 +169,8 @@ async def _measure(
         if redis is not None and delivered else None,
         "burst_p99": burst["latency_ms"]["p99"],
         "paced_per_s": sizes.scale_rate,
+        # Deliveries asked for at one instant in the paced load: one user's tabs.
+        "burst_deliveries": tabs,
         "p50": paced["latency_ms"]["p50"],
         "p99": paced["latency_ms"]["p99"],
         "closed_by_server": burst["closed_by_server"] + paced["closed_by_server"],
