@@ -26,6 +26,7 @@ from benchmarks import report
 from benchmarks.floods import floods
 from benchmarks.peers import PEERS
 from benchmarks.peers.centrifuge_peer import build as build_centrifuge
+from benchmarks.peers.node_ws_peer import command as node_ws_command
 from benchmarks.procs import Affinity, affinity_as, plan_affinity, running_peer, set_affinity
 from benchmarks.scaleout import scale_out
 from benchmarks.scenarios import FULL, QUICK, SCENARIOS
@@ -81,6 +82,10 @@ async def run(args: argparse.Namespace, argv: list[str], console: Console) -> di
     results: dict[str, Any] = {"meta": meta(args, argv), "peers": {}}
     pinning = plan_affinity(sorted(os.sched_getaffinity(0)), args.pin)
     set_affinity(pinning)
+    if "node-ws" in args.peers:
+        # Before any peer runs: a full run must not end half-way, its results unwritten,
+        # because the last peer's packages were never installed.
+        node_ws_command(1)
     if "centrifuge" in args.peers:
         console.log("building the centrifuge peer (Go, offline)")
         await asyncio.to_thread(build_centrifuge)
