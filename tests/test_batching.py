@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 import agentcast
-import agentcast.backplane.memory
 from agentcast import AgentEvent, Config, EventType, UserContext
+from agentcast._events import encode_envelope
 
 from .helpers import Client, check_event, connect, settle, thinking
 
@@ -128,13 +128,13 @@ async def test_each_event_is_encoded_once_for_all_connections(
     manager: agentcast.ConnectionManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[dict[str, Any]] = []
-    original = agentcast.backplane.memory.encode_envelope
+    original = encode_envelope  # what the in-memory broker calls
 
     def counting(event: AgentEvent, **kwargs: Any) -> str:
         calls.append(kwargs)
         return original(event, **kwargs)
 
-    monkeypatch.setattr(agentcast.backplane.memory, "encode_envelope", counting)
+    monkeypatch.setattr("agentcast.backplane.memory.encode_envelope", counting)
     session = manager.get_websocket_manager(UserContext(user_id="alice"))
     clients = [(await connect(session, ("t1",), batch=batch))[0] for batch in (False, True, False)]
     for index in range(10):
@@ -157,13 +157,13 @@ async def test_live_only_events_are_encoded_once_for_every_connection(
     manager: agentcast.ConnectionManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[dict[str, Any]] = []
-    original = agentcast.backplane.memory.encode_envelope
+    original = encode_envelope  # what the in-memory broker calls
 
     def counting(event: AgentEvent, **kwargs: Any) -> str:
         calls.append(kwargs)
         return original(event, **kwargs)
 
-    monkeypatch.setattr(agentcast.backplane.memory, "encode_envelope", counting)
+    monkeypatch.setattr("agentcast.backplane.memory.encode_envelope", counting)
     alice = manager.get_websocket_manager(UserContext(user_id="alice"))
     bob = manager.get_websocket_manager(UserContext(user_id="bob"))
     clients = [(await connect(alice))[0] for _ in range(3)] + [(await connect(bob))[0]]

@@ -66,8 +66,8 @@ def imports_of(name: str) -> set[str]:
             for alias in node.names:  # `from . import x` may name a submodule
                 if module_path(f"{module}.{alias.name}").exists():
                     found.add(f"{module}.{alias.name}")
-        for child in ast.iter_child_nodes(node):
-            visit(child)
+        for inner in ast.iter_child_nodes(node):
+            visit(inner)
 
     visit(tree)
     return found

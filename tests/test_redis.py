@@ -282,7 +282,7 @@ def test_publisher_works_under_asyncio(redis_server: RedisServer) -> None:
                 await timed_out_run(pub)
         async with coredis.Redis.from_url(url, decode_responses=True) as client:
             entries = await client.xrange("agentcast:{alice}:t:t9:events")
-        return [entry.field_values["f"] for entry in entries]
+        return [str(entry.field_values["f"]) for entry in entries]
 
     frames = asyncio.run(main())
     types = [frame.split('"type":"')[1].split('"')[0] for frame in frames]

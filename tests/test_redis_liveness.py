@@ -307,6 +307,7 @@ async def test_a_serve_process_on_a_frozen_redis_goes_not_ready_closes_1012_and_
                     with trio.fail_after(TIMEOUT + 2 + TIMEOUT + SLACK):
                         with pytest.raises(ConnectionClosed) as closed:
                             await ws.get_message()
+                    assert closed.value.reason is not None
                     assert closed.value.reason.code == 1012
                     del closed  # its traceback holds the closed socket (collected below)
             with trio.fail_after(STEP):
@@ -460,6 +461,7 @@ async def test_a_serve_process_without_redis_at_start_then_through_a_restart(
                 await trio.to_thread.run_sync(redis.stop)
                 with trio.fail_after(STEP), pytest.raises(ConnectionClosed) as closed:
                     await ws.get_message()
+                assert closed.value.reason is not None
                 assert closed.value.reason.code == 1012
                 del closed
             with trio.fail_after(STEP):

@@ -58,7 +58,9 @@ def agentcast_serve(*args: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
 async def thinking_seqs(ws: WebSocketConnection, count: int) -> list[int]:
     seqs: list[int] = []
     while len(seqs) < count:
-        for line in (await ws.get_message()).split("\n"):
+        message = await ws.get_message()
+        assert isinstance(message, str)
+        for line in message.split("\n"):
             frame = json.loads(line)
             if frame["type"] == "agent_thinking":
                 seqs.append(frame["seq"])

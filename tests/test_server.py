@@ -226,6 +226,7 @@ async def test_stop_closes_every_connection_with_1001(server: Running) -> None:
         server.stop.set()
         with pytest.raises(ConnectionClosed) as closed:
             await drain_until_closed(ws)
+        assert closed.value.reason is not None
         assert closed.value.reason.code == 1001
         # trio-websocket's client leaves its socket open after a close the server started
         # (its reader stops without closing the stream and aclose() returns early).

@@ -69,7 +69,8 @@ class Fixture:
         session = self.manager.get_websocket_manager(UserContext.from_request(user_id=user))
         while not session.connections():
             await trio.lowlevel.checkpoint()
-        return session.connections()[0]
+        first: Connection = session.connections()[0]
+        return first
 
     async def gone(self, user: str) -> None:
         """Wait until every connection of ``user`` has finished closing."""
@@ -107,7 +108,7 @@ class Bystander:
         first = self.published + 1
         await self.fixture.publish("bystander", "t1", count)
         self.published += count
-        seqs = []
+        seqs: list[int] = []
         while len(seqs) < count:
             frame = json.loads(await self.ws.get_message())
             seqs.append(frame["seq"])

@@ -192,7 +192,9 @@ def test_the_log_limiter_admits_n_per_period_then_reports_what_it_held_back() ->
 
 def handler_tasks() -> int:
     """Tasks running ``Server.handle`` (one per TCP connection the server holds)."""
-    count, stack = 0, [trio.lowlevel.current_root_task()]
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    count, stack = 0, [root]
     while stack:
         task = stack.pop()
         awaiting: object = task.coro

@@ -57,6 +57,7 @@ async def test_a_signal_drains_every_connection_with_1001_and_exits_0(
                 process.send_signal(signum)
                 with pytest.raises(ConnectionClosed) as closed:
                     await read_until_closed(ws)
+                assert closed.value.reason is not None
                 assert closed.value.reason.code == 1001
                 await trio.aclose_forcefully(ws._stream)
             assert await process.wait() == 0
