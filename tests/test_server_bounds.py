@@ -20,8 +20,7 @@ from agentcast import Config
 from agentcast.server._settings import ServerSettings
 
 from .rawws import TEXT, encode_frame
-from .serverkit import serving
-from .test_server_faults import SECRET, Bystander, Fixture, read_json, watching
+from .test_server_faults import SECRET, Bystander, Fixture, open_fixture, read_json, watching
 
 LIMIT = 10
 THREADS_CAP = 100
@@ -39,13 +38,8 @@ SETTINGS = ServerSettings(
 
 @pytest.fixture
 async def fixture() -> AsyncIterator[Fixture]:
-    async with serving(SETTINGS, bound=60) as served:
-        fixture = Fixture(served.running, served.stop)
-        try:
-            yield fixture
-        finally:
-            for client in fixture.clients:
-                await client.aclose()
+    async with open_fixture(SETTINGS, bound=60) as fixture:
+        yield fixture
 
 
 @pytest.fixture

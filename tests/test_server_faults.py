@@ -118,13 +118,24 @@ class Bystander:
 @pytest.fixture
 async def fixture() -> AsyncIterator[Fixture]:
     # However the test ended, every connection is gone and left no task or fd behind.
-    async with serving(SETTINGS) as served:
+    async with open_fixture(SETTINGS) as fixture:
+        yield fixture
+
+
+@asynccontextmanager
+async def open_fixture(
+    settings: ServerSettings, *, bound: float = 30.0, reset: bool = False
+) -> AsyncIterator[Fixture]:
+    """A served ``settings`` and its raw clients for the block; every client is closed at the
+    end (``reset``: with a TCP RST, so the server drops what it has not read yet), before
+    ``serving``'s leak checks: no connection, task or fd left behind."""
+    async with serving(settings, bound=bound) as served:
         fixture = Fixture(served.running, served.stop)
         try:
             yield fixture
         finally:
             for client in fixture.clients:
-                await client.aclose()
+                await (client.reset() if reset else client.aclose())
 
 
 @asynccontextmanager

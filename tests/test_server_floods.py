@@ -21,9 +21,8 @@ from agentcast.server._inbound import InboundGuard, InboundStatistics
 from agentcast.server._settings import ServerSettings
 
 from .rawws import CLOSE, CONTINUATION, PING, PONG, TEXT, RawClient, encode_frame
-from .serverkit import serving
 from .test_frames import raw_frame
-from .test_server_faults import SECRET, Bystander, Fixture, read_json, watching
+from .test_server_faults import SECRET, Bystander, Fixture, open_fixture, read_json, watching
 
 #: Bytes per second and burst of the byte bucket: small, so a flood shows it within seconds.
 BYTE_RATE = 64 * 1024
@@ -48,13 +47,8 @@ SETTINGS = ServerSettings(
 
 @pytest.fixture
 async def fixture(caplog: pytest.LogCaptureFixture) -> AsyncIterator[Fixture]:
-    async with serving(SETTINGS) as served:
-        fixture = Fixture(served.running, served.stop)
-        try:
-            yield fixture
-        finally:
-            for client in fixture.clients:
-                await client.reset()  # RST: the server drops what it has not read yet
+    async with open_fixture(SETTINGS, reset=True) as fixture:
+        yield fixture
     # No handler failed on the way (e.g. trio-websocket answering a ping after the close).
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 

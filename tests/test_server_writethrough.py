@@ -31,8 +31,7 @@ from agentcast.server._settings import ServerSettings
 from agentcast.server._wsconn import ServerWebSocket
 
 from .rawws import PING, TEXT, RawClient
-from .serverkit import serving
-from .test_server_faults import SECRET, Bystander, Fixture, read_json, watching
+from .test_server_faults import SECRET, Bystander, Fixture, open_fixture, read_json, watching
 
 #: A keepalive that never fires during a test (some clients here stop reading on purpose).
 SETTINGS = ServerSettings(
@@ -43,13 +42,8 @@ SETTINGS = ServerSettings(
 
 @pytest.fixture
 async def fixture() -> AsyncIterator[Fixture]:
-    async with serving(SETTINGS) as served:
-        fixture = Fixture(served.running, served.stop)
-        try:
-            yield fixture
-        finally:
-            for client in fixture.clients:
-                await client.aclose()
+    async with open_fixture(SETTINGS) as fixture:
+        yield fixture
 
 
 @pytest.fixture
