@@ -152,14 +152,7 @@ class Subscriptions:
         if state.acked_position is None:
             del self._threads[thread_id]
             return [], True
-        position = state.acked_position
-        live: Release = []
-        for seq, frame in state.held:
-            if seq > position:
-                live.append(frame)
-                position = seq
-        state.held = []
-        state.position = position
+        live: Release = [*self._flush_held(state, state.acked_position)]
         return live, False
 
     def _release(self, thread_id: str, state: _Thread) -> list[tuple[str, ...]]:
@@ -188,6 +181,12 @@ class Subscriptions:
         state.acked_position = position
         if not last:
             return (ack, *recovery.frames)
+        return (ack, *recovery.frames, *self._flush_held(state, position))
+
+    @staticmethod
+    def _flush_held(state: _Thread, position: int) -> list[str]:
+        """The held live events past ``position`` (the rest the replay covered), in order; the
+        thread's position moves to the last one and nothing stays held."""
         live: list[str] = []
         for seq, frame in state.held:
             if seq > position:
@@ -195,7 +194,7 @@ class Subscriptions:
                 position = seq
         state.held = []
         state.position = position
-        return (ack, *recovery.frames, *live)
+        return live
 
     def remove(self, thread_id: str) -> bool:
         """Unsubscribe; answers still in flight are then ignored. False if not subscribed."""
