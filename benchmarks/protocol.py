@@ -29,8 +29,9 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 #: Event type used for benchmark events (a known agentcast type; ``data.text`` is required).
@@ -91,6 +92,40 @@ def pause(
     if schedule is not None:
         return max(0.0, schedule[sent] - elapsed) if sent < len(schedule) else 0.0
     return max(TICK, sent / rate - elapsed) if rate > 0 else 0.0
+
+
+class Pacer:
+    """The pacing of one ``bench_burst``, one copy for every peer (fairness needs them to pace
+    alike): :meth:`due_now` gives the numbers of the events due since the last call,
+    :meth:`pause` how long to sleep after sending them (None once all are sent)."""
+
+    def __init__(
+        self, count: int, rate: float, schedule: Sequence[float] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.count, self.rate, self.schedule, self._clock = count, rate, schedule, clock
+        self.sent = 0
+        self._start = clock()
+
+    @classmethod
+    def of(cls, frame: dict[str, Any]) -> Pacer:
+        """The pacing a ``bench_burst`` frame asks for (its count, rate and schedule)."""
+        _thread_id, count, _size, rate = parse_burst(frame)
+        return cls(count, rate, parse_schedule(frame))
+
+    def due_now(self) -> range:
+        """Event numbers (from 1) due now and not yet handed out."""
+        target = max(self.sent, due(self._clock() - self._start, self.rate, self.count,
+                                    self.schedule))
+        numbers = range(self.sent + 1, target + 1)
+        self.sent = target
+        return numbers
+
+    def pause(self) -> float | None:
+        """Seconds to sleep before the next :meth:`due_now`; None when every event is out."""
+        if self.sent >= self.count:
+            return None
+        return pause(self._clock() - self._start, self.sent, self.rate, self.schedule)
 
 
 def event_type_of(frame: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ from benchmarks.procs import Affinity, plan_affinity
 from benchmarks.protocol import (
     TICK,
     TOKEN_RATE,
+    Pacer,
     due,
     encode_event,
     pad_for,
@@ -92,6 +93,22 @@ def test_pacing_schedule() -> None:
     assert due(0.0, 100.0, 50) == 1
     assert due(0.25, 100.0, 50) == 26
     assert due(10.0, 100.0, 50) == 50
+
+
+def test_the_pacer_hands_out_each_event_once_in_order_then_stops() -> None:
+    now = [0.0]
+    pacer = Pacer(5, 10.0, clock=lambda: now[0])  # 10/s: event k is due at (k - 1) / 10 s
+    assert list(pacer.due_now()) == [1]
+    assert pacer.pause() == pytest.approx(0.1)
+    now[0] = 0.25
+    assert list(pacer.due_now()) == [2, 3]
+    assert list(pacer.due_now()) == []  # nothing new until time moves
+    now[0] = 10.0
+    assert list(pacer.due_now()) == [4, 5]
+    assert pacer.pause() is None
+    unpaced = Pacer(3, 0.0, clock=lambda: 0.0)
+    assert list(unpaced.due_now()) == [1, 2, 3]
+    assert unpaced.pause() is None
 
 
 def test_pacing_sleeps_until_the_next_event_is_due_but_at_least_a_tick() -> None:

@@ -23,13 +23,11 @@ from agentcast.server import ServerSettings, serve, tune_gc
 from benchmarks.peers import BENCH_SECRET
 from benchmarks.peers._common import announce, parse_lifetime
 from benchmarks.protocol import (
-    due,
+    Pacer,
     event_data,
     event_type_of,
     pad_for,
     parse_burst,
-    parse_schedule,
-    pause,
 )
 
 
@@ -37,20 +35,18 @@ async def handler(session: UserSession, connection: Any, frame: dict[str, Any]) 
     """Emit a ``bench_burst`` on this user's thread through ``queue_to_thread`` (the same call
     in memory, where it publishes at once, and on Redis, where it does not wait for the seq),
     then ``flush`` so a failed publish fails the burst instead of passing unseen."""
-    thread_id, count, size, rate = parse_burst(frame)
-    pad, user = pad_for(size), session.user_id
-    schedule, kind = parse_schedule(frame), EventType(event_type_of(frame))
-    start, n = time.time(), 0
-    while n < count:
-        target = due(time.time() - start, rate, count, schedule)
-        while n < target:
-            n += 1
+    thread_id, _count, size, _rate = parse_burst(frame)
+    pad, user, kind = pad_for(size), session.user_id, EventType(event_type_of(frame))
+    pacer = Pacer.of(frame)
+    while True:
+        for n in pacer.due_now():
             ts = time.time()
             await session.queue_to_thread(
                 thread_id, AgentEvent(kind, event_data(pad, n, user, ts))
             )
-        if n < count:
-            await trio.sleep(pause(time.time() - start, n, rate, schedule))
+        if (wait := pacer.pause()) is None:
+            break
+        await trio.sleep(wait)
     await session.flush()
 
 

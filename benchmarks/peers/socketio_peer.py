@@ -20,13 +20,11 @@ import uvicorn
 
 from benchmarks.peers._common import announce, parse_lifetime
 from benchmarks.protocol import (
-    due,
+    Pacer,
     event_data,
     event_type_of,
     pad_for,
     parse_burst,
-    parse_schedule,
-    pause,
 )
 
 sio = socketio.AsyncServer(async_mode="asgi", cors_allowed_origins="*")
@@ -48,13 +46,10 @@ async def subscribe(sid: str, frame: dict[str, Any]) -> None:
 @sio.event
 async def bench_burst(sid: str, frame: dict[str, Any]) -> None:
     user = (await sio.get_session(sid))["user"]
-    thread_id, count, size, rate = parse_burst(frame)
-    pad, schedule, kind = pad_for(size), parse_schedule(frame), event_type_of(frame)
-    start, n = time.time(), 0
-    while n < count:
-        target = due(time.time() - start, rate, count, schedule)
-        while n < target:
-            n += 1
+    thread_id, _count, size, _rate = parse_burst(frame)
+    pad, kind, pacer = pad_for(size), event_type_of(frame), Pacer.of(frame)
+    while True:
+        for n in pacer.due_now():
             ts = time.time()
             await sio.emit(
                 "event",
@@ -62,8 +57,9 @@ async def bench_burst(sid: str, frame: dict[str, Any]) -> None:
                  "data": event_data(pad, n, user, ts)},
                 room=user,
             )
-        if n < count:
-            await asyncio.sleep(pause(time.time() - start, n, rate, schedule))
+        if (wait := pacer.pause()) is None:
+            break
+        await asyncio.sleep(wait)
 
 
 async def main() -> None:

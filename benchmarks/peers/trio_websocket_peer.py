@@ -18,13 +18,11 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketReque
 
 from benchmarks.peers._common import announce, parse_lifetime
 from benchmarks.protocol import (
-    due,
+    Pacer,
     encode_event,
     event_type_of,
     pad_for,
     parse_burst,
-    parse_schedule,
-    pause,
 )
 
 users: dict[str, dict[WebSocketConnection, set[str]]] = {}
@@ -40,17 +38,15 @@ async def send_to_thread(user: str, thread_id: str, message: str) -> None:
 
 
 async def emit(user: str, frame: dict[str, object]) -> None:
-    thread_id, count, size, rate = parse_burst(frame)
-    pad, schedule, kind = pad_for(size), parse_schedule(frame), event_type_of(frame)
-    start, n = time.time(), 0
-    while n < count:
-        target = due(time.time() - start, rate, count, schedule)
-        while n < target:
-            n += 1
+    thread_id, _count, size, _rate = parse_burst(frame)
+    pad, kind, pacer = pad_for(size), event_type_of(frame), Pacer.of(frame)
+    while True:
+        for n in pacer.due_now():
             message = encode_event(thread_id, pad, n, user, time.time(), event_type=kind)
             await send_to_thread(user, thread_id, message)
-        if n < count:
-            await trio.sleep(pause(time.time() - start, n, rate, schedule))
+        if (wait := pacer.pause()) is None:
+            break
+        await trio.sleep(wait)
 
 
 async def handle(request: WebSocketRequest) -> None:

@@ -20,13 +20,11 @@ from websockets.exceptions import ConnectionClosed
 
 from benchmarks.peers._common import announce, parse_lifetime
 from benchmarks.protocol import (
-    due,
+    Pacer,
     encode_event,
     event_type_of,
     pad_for,
     parse_burst,
-    parse_schedule,
-    pause,
 )
 
 
@@ -58,18 +56,16 @@ manager = ConnectionManager()
 
 
 async def emit(user: str, frame: dict[str, object]) -> None:
-    thread_id, count, size, rate = parse_burst(frame)
-    pad, schedule, kind = pad_for(size), parse_schedule(frame), event_type_of(frame)
-    start, n = time.time(), 0
-    while n < count:
-        target = due(time.time() - start, rate, count, schedule)
-        while n < target:
-            n += 1
+    thread_id, _count, size, _rate = parse_burst(frame)
+    pad, kind, pacer = pad_for(size), event_type_of(frame), Pacer.of(frame)
+    while True:
+        for n in pacer.due_now():
             await manager.send_to_thread(
                 user, thread_id, encode_event(thread_id, pad, n, user, time.time(), event_type=kind)
             )
-        if n < count:
-            await asyncio.sleep(pause(time.time() - start, n, rate, schedule))
+        if (wait := pacer.pause()) is None:
+            break
+        await asyncio.sleep(wait)
 
 
 async def handle(ws: ServerConnection) -> None:
