@@ -544,6 +544,10 @@ async def test_a_reload_mid_run_rebuilds_the_whole_answer(
     async with broker_manager(kind, request, history_size=5) as manager:
         session = manager.get_websocket_manager(ALICE)
         await publish(session, "t1", 3)  # before the run
+        # A tab already watching: once it has the tool call, this node has delivered every
+        # event published so far (a publisher's reach it over pub/sub after they are stored),
+        # so none of them can arrive live after the reloaded page's first ack.
+        watcher, _ = await connect(session, ("t1",), capacity=1024)
         started, proceed = trio.Event(), trio.Event()
         async with trio.open_nursery() as nursery:
 
@@ -560,6 +564,7 @@ async def test_a_reload_mid_run_rebuilds_the_whole_answer(
             nursery.start_soon(agent)
             with trio.fail_after(STEP):
                 await started.wait()
+                await watcher.receive_until("tool_completed")
             # The reloaded page knows nothing: a plain subscribe names the run in progress.
             page, _ = await connect(session, capacity=1024)
             ack, _ = await ack_and_replay(page)
